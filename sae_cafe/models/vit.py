@@ -1,0 +1,88 @@
+"""ViT adapters: torchvision ``VisionTransformer`` and timm ``VisionTransformer`` / DeiT.
+
+Layer ids are block module paths (``encoder.layers.encoder_layer_5`` / ``blocks.5``); the block index
+(``5`` or ``"5"``) is accepted as an alias. Class/register tokens are kept apart from patch tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MismatchError
+from .base import IMAGENET_MEAN, IMAGENET_STD, ModelAdapter, PFVBatch, grid_positions
+
+
+class _ViTAdapter(ModelAdapter):
+    family = "vit"
+    kind = "tokens"
+    num_prefix_tokens = 1
+    patch_size = 16
+
+    def block_names(self) -> list[str]:
+        raise NotImplementedError
+
+    def _pfv_layer_names(self) -> list[str]:
+        return self.block_names()
+
+    def _layer_aliases(self) -> dict[str, str]:
+        names = self.block_names()
+        aliases = {str(i): n for i, n in enumerate(names)}
+        aliases.update({f"blocks.{i}": n for i, n in enumerate(names)})
+        return aliases
+
+    def block_index(self, layer: str | int) -> int:
+        return self.block_names().index(self.resolve_layer(layer))
+
+    def patch_grid(self, input_hw: tuple[int, int] | None = None) -> tuple[int, int]:
+        h, w = input_hw or self.input_size
+        return h // self.patch_size, w // self.patch_size
+
+    def _grid_and_channels(self, act: torch.Tensor) -> tuple[tuple[int, int], int]:
+        if act.ndim != 3:
+            raise MismatchError(f"{self.name}: expected (B, T, D) tokens, got {tuple(act.shape)}")
+        n = act.shape[1] - self.num_prefix_tokens
+        h, w = self.patch_grid()
+        if h * w != n:
+            side = int(round(n ** 0.5))
+            h, w = side, n // side
+        return (h, w), act.shape[2]
+
+    def to_pfv(self, act: torch.Tensor, layer: str | int | None = None) -> PFVBatch:  # noqa: ARG002
+        (h, w), _ = self._grid_and_channels(act)
+        p = self.num_prefix_tokens
+        return PFVBatch(act[:, p:], grid_positions(h, w, act.device), (h, w), act[:, :p])
+
+    def from_pfv(self, batch: PFVBatch) -> torch.Tensor:
+        if batch.extra is None:
+            raise MismatchError("ViT PFVs need their class/register tokens (PFVBatch.extra) to rebuild tokens")
+        return torch.cat([batch.extra, batch.pfv], 1)
+
+
+class TorchvisionViTAdapter(_ViTAdapter):
+    """torchvision ``VisionTransformer`` (``vit_b_16`` …): class token first, no register tokens."""
+
+    def __init__(self, model, name, **kw):
+        kw.setdefault("input_size", (model.image_size, model.image_size))
+        super().__init__(model, name, **kw)
+        self.patch_size = model.patch_size
+        self.num_prefix_tokens = 1
+
+    def block_names(self) -> list[str]:
+        return [f"encoder.layers.{n}" for n, _ in self.model.encoder.layers.named_children()]
+
+
+class TimmViTAdapter(_ViTAdapter):
+    """timm ``VisionTransformer`` (ViT, DeiT): class and register tokens first."""
+
+    def __init__(self, model, name, **kw):
+        cfg = getattr(model, "pretrained_cfg", {}) or {}
+        size = tuple(model.patch_embed.img_size)
+        kw.setdefault("input_size", size)
+        kw.setdefault("mean", tuple(cfg.get("mean", IMAGENET_MEAN)))
+        kw.setdefault("std", tuple(cfg.get("std", IMAGENET_STD)))
+        super().__init__(model, name, **kw)
+        self.patch_size = model.patch_embed.patch_size[0]
+        self.num_prefix_tokens = model.num_prefix_tokens
+
+    def block_names(self) -> list[str]:
+        return [f"blocks.{i}" for i in range(len(self.model.blocks))]
