@@ -14,6 +14,11 @@ class ResNetAdapter(ModelAdapter):
 
     family = "resnet"
 
+    def srd_graph(self, dtype):
+        from .srd_cnn import build_resnet_graph
+
+        return build_resnet_graph(self.model, dtype)
+
     def _pfv_layer_names(self) -> list[str]:
         names = ["relu"]
         for stage in ("layer1", "layer2", "layer3", "layer4"):
@@ -28,6 +33,11 @@ class VGGAdapter(ModelAdapter):
 
     family = "vgg"
 
+    def srd_graph(self, dtype):
+        from .srd_cnn import build_vgg_graph
+
+        return build_vgg_graph(self.model, dtype)
+
     def _pfv_layer_names(self) -> list[str]:
         return [f"features.{i}" for i, m in enumerate(self.model.features) if isinstance(m, ACTIVATIONS)]
 
@@ -36,6 +46,11 @@ class SequentialCNNAdapter(ModelAdapter):
     """A plain ``nn.Sequential`` conv net. PFV layers: its activation modules while maps are spatial."""
 
     family = "sequential"
+
+    def srd_graph(self, dtype):
+        from .srd_cnn import build_sequential_graph
+
+        return build_sequential_graph(self.model, dtype)
 
     def _pfv_layer_names(self) -> list[str]:
         names = []

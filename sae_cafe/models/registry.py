@@ -121,3 +121,4 @@ def load_model(name: str, weights: str | Path | None = None, device: str | torch
     adapter.weights_hash = whash
     _BY_MODULE[model] = adapter
     return adapter
+from . import mini  # noqa: E402,F401

@@ -1,0 +1,180 @@
+"""SRD propagation over a :class:`~sae_cafe.srd.graph.SRDGraph`: forward record, sharing ratios, backward.
+
+Batched over images and over relevance seeds; no Python loops over positions. μ of a stage is computed
+once per image (lazily, only for the stages a propagation visits) and reused by every seed.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..errors import NonFiniteError
+from .graph import Branch, Head, SRDGraph
+from .rules import branch_mu, make_scatter
+
+
+class SRDRun:
+    """Forward record of one batch through a stage graph, with lazily computed sharing ratios.
+
+    Args:
+        graph: the stage graph (weights already in the compute dtype).
+        x: (N, 3, H, W) input in the graph's dtype.
+        until: stop the forward after this node (iERFs need nothing above their layer).
+    """
+
+    def __init__(self, graph: SRDGraph, x: torch.Tensor, until: str | None = None):
+        self.graph, self.x = graph, x
+        self.post: dict[str, torch.Tensor] = {"input": x}
+        self.pre: dict[str, torch.Tensor] = {}
+        self.out: dict[tuple[int, int], torch.Tensor] = {}
+        self.pooled: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self._mu: dict[int, list[torch.Tensor]] = {}
+        self.n_stages = len(graph.stages)
+        for i, stage in enumerate(graph.stages):
+            z = None
+            for j, br in enumerate(stage.branches):
+                out = br.forward(self._pool(br)[0] if br.pool is not None else self.post[br.source])
+                self.out[i, j] = out
+                z = out if z is None else z + out
+            if not torch.isfinite(z).all():
+                raise NonFiniteError(f"non-finite (NaN/inf) activations at node {stage.target!r}: check the input "
+                                     "image values and the model weights for NaN/inf or overflow")
+            self.pre[stage.target] = z
+            self.post[stage.target] = stage.act(z) if stage.act is not None else z
+            if stage.target == until:
+                self.n_stages = i + 1
+                break
+
+    def _pool(self, br: Branch) -> tuple[torch.Tensor, torch.Tensor]:
+        key = (br.source, id(br.pool))
+        if key not in self.pooled:
+            self.pooled[key] = br.pool(self.post[br.source])
+        return self.pooled[key]
+
+    # ----- sharing ratios --------------------------------------------------------------------------------
+    def mu(self, i: int) -> list[torch.Tensor]:
+        """Per branch of stage ``i``: μ (N, J, h', w')."""
+        if i not in self._mu:
+            stage, z = self.graph.stages[i], self.pre[self.graph.stages[i].target]
+            mus = []
+            for j, br in enumerate(stage.branches):
+                pooled, idx = self._pool(br) if br.pool is not None else (None, None)
+                mus.append(branch_mu(br, self.post[br.source], z, self.out[i, j], pooled, idx))
+            self._mu[i] = mus
+        return self._mu[i]
+
+    def mu_sum_error(self) -> dict[str, float]:
+        """Per node, max |Σ μ − 1| over targets with ‖z‖ > 0 (diagnostic)."""
+        out = {}
+        for i in range(self.n_stages):
+            stage = self.graph.stages[i]
+            total = sum(m.sum(1) for m in self.mu(i))
+            active = (self.pre[stage.target] ** 2).sum(1) > 0
+            out[stage.target] = float((total - 1).abs()[active].max()) if active.any() else 0.0
+        return out
+
+    # ----- propagation -----------------------------------------------------------------------------------
+    def propagate(self, seeds: dict[str, torch.Tensor], record: tuple[str, ...] = (),
+                  deltas: dict[str, float] | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Propagate relevance seeds (node → (N, S, h, w)) to the pixels.
+
+        Returns the input relevance (N, S, H, W) and the relevance at the ``record`` nodes. With ``deltas``
+        a dict, it is filled with |Σ R_sources − Σ R_target| per stage (conservation diagnostics).
+        """
+        rel: dict[str, torch.Tensor] = dict(seeds)
+        recorded: dict[str, torch.Tensor] = {}
+        last = max(self.graph.stage_index(n) for n in seeds)
+        for i in range(last, -1, -1):
+            stage = self.graph.stages[i]
+            r = rel.pop(stage.target, None)
+            if stage.target in record and r is not None:
+                recorded[stage.target] = r
+            if r is None:
+                continue
+            N, S = r.shape[:2]
+            for br, m in zip(stage.branches, self.mu(i)):
+                src = self.post[br.source]
+                pooled_hw = self._pool(br)[0].shape[-2:] if br.pool is not None else None
+                scatter = make_scatter(br, src.shape[-2:], pooled_hw)
+                prod = (m.unsqueeze(1) * r.unsqueeze(2)).flatten(0, 1)  # (N*S, J, h', w')
+                back = scatter(prod).view(N, S, *src.shape[-2:])
+                rel[br.source] = rel[br.source] + back if br.source in rel else back
+            if deltas is not None:
+                got = sum(rel[b.source].sum() for b in {b.source: b for b in stage.branches}.values())
+                deltas[stage.target] = float((got - r.sum()).abs())
+        inp = rel.pop("input", None)
+        if inp is None:
+            inp = torch.zeros(self.x.shape[0], 1, *self.x.shape[-2:], dtype=self.x.dtype, device=self.x.device)
+        return inp, recorded
+
+    # ----- head: top relevance ---------------------------------------------------------------------------
+    def logits(self) -> torch.Tensor:
+        head = self.graph.head
+        f = head.pool(self.post[head.source]).flatten(1)
+        for m in head.mlp:
+            f = _apply_head_module(m, f)
+        return f
+
+    def top_relevance(self, target: torch.Tensor) -> torch.Tensor:
+        """Each top-node position's exact additive share of logit ``target`` (N, h, w).
+
+        The head is linear given its activation pattern (ReLU masks or gates act(a)/a frozen, pool indices
+        stored, dropout off): logit_y = Σ_{c,p} w_eff[c,p] v[c,p] + b_eff. The channel term of each position is
+        exact; b_eff is split equally over the head's flattened cells and routed back through the head
+        pooling in proportion to the share of each cell's entries a position supplies (average pools: their
+        weights, e.g. b/49 per position of a 7×7 global pool; max-pools: the fraction of channels selected
+        from the position).
+        """
+        head, v = self.graph.head, self.post[self.graph.head.source]
+        with torch.enable_grad():
+            vv = v if v.requires_grad else v.detach().requires_grad_(True)
+            cells = head.pool(vv)  # (N, C, hc, wc)
+            f = cells.flatten(1)
+            w_eff = _effective_weights(head, f, target)  # (N, F)
+            create = v.requires_grad
+            g_chan, = torch.autograd.grad(cells, vv, w_eff.view_as(cells), create_graph=create, retain_graph=True)
+            n_cells = cells.shape[2] * cells.shape[3]
+            logit = _logits_from(head, f).gather(1, target.view(-1, 1)).squeeze(1)
+            b_eff = logit - (w_eff * f).sum(1)
+            unit = torch.full_like(cells, 1.0 / (cells.shape[1] * n_cells))
+            g_bias, = torch.autograd.grad(cells, vv, unit, create_graph=create)
+        chan = (g_chan * v).sum(1)
+        bias = g_bias.sum(1) * b_eff.view(-1, 1, 1)
+        return chan + bias
+
+
+def _apply_head_module(m: nn.Module, f: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
+    if isinstance(m, nn.Linear):
+        return F.linear(f, m.weight.to(f.dtype), m.bias.to(f.dtype) if m.bias is not None else None)
+    if isinstance(m, (nn.Dropout, nn.Identity, nn.Flatten)):
+        return f
+    return f * gate if gate is not None else m(f)
+
+
+def _logits_from(head: Head, f: torch.Tensor) -> torch.Tensor:
+    for m in head.mlp:
+        f = _apply_head_module(m, f)
+    return f
+
+
+def _effective_weights(head: Head, f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """w_eff (N, F): row ``target`` of W_L·diag(g_{L-1})·…·W_1 with the activation gates of this input."""
+    gates, linears, a = [], [], f
+    for m in head.mlp:
+        if isinstance(m, nn.Linear):
+            linears.append(m)
+            gates.append(None)
+            a = _apply_head_module(m, a)
+        elif not isinstance(m, (nn.Dropout, nn.Identity, nn.Flatten)):
+            out = m(a)
+            safe = torch.where(a != 0, a, torch.ones_like(a))
+            gates[-1] = torch.where(a != 0, out / safe, torch.zeros_like(a))
+            a = out
+    w = linears[-1].weight.to(f.dtype)[target]  # (N, out_{L-1})
+    for lin, gate in zip(reversed(linears[:-1]), reversed(gates[:-1])):
+        if gate is not None:
+            w = w * gate
+        w = w @ lin.weight.to(f.dtype)
+    return w
