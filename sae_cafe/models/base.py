@@ -86,7 +86,8 @@ class ModelAdapter:
         The receptive field follows the main path in execution order (convs and pools; residual
         ``downsample`` branches are skipped since they never widen it); token layers see the whole image.
         """
-        x = torch.zeros(1, 3, *self.input_size, device=self.device)
+        p = next(self.model.parameters(), None)
+        x = torch.zeros(1, 3, *self.input_size, device=self.device, dtype=p.dtype if p is not None else None)
         if self.kind == "tokens":
             return self.capture(x, names, check=False), {}
         state = {"rf": 1, "jump": 1}

@@ -169,9 +169,14 @@ def srd_ierf_from_relevance(model, x, layer, relevance: torch.Tensor, differenti
 
         return vit_srd_ierf_from_relevance(adapter, x, layer, relevance, return_sink=return_sink,
                                            differentiable=differentiable, dtype=dtype)
+    return _propagate_seeds(adapter, x, layer, lambda grid: relevance, differentiable, dtype, return_sink)
+
+
+def _propagate_seeds(adapter, x, layer, make_seeds, differentiable, dtype, return_sink):
     node = _node(adapter, get_graph(adapter, x, dtype), layer)
     graph, run = _run(adapter, x, dtype, differentiable, until=node)
     grid = tuple(run.post[node].shape[-2:])
+    relevance = make_seeds(grid)
     if relevance.ndim != 4 or relevance.shape[0] != x.shape[0] or tuple(relevance.shape[-2:]) != grid:
         raise MismatchError(f"relevance for layer {adapter.resolve_layer(layer)!r} must be (N={x.shape[0]}, S, "
                             f"{grid[0]}, {grid[1]}), got {tuple(relevance.shape)}")
@@ -213,9 +218,9 @@ def srd_ierf(model, x, layer, position: Position, differentiable: bool = False,
 
         return vit_srd_ierf(adapter, x, layer, position, return_sink=return_sink,
                             differentiable=differentiable, dtype=dtype)
-    grid = adapter.grid(layer, tuple(x.shape[-2:]))
-    seeds = position_seeds(position, x.shape[0], grid, adapter.resolve_layer(layer), x.device)
-    out = srd_ierf_from_relevance(adapter, x, layer, seeds, differentiable, dtype, return_sink)
+    name = adapter.resolve_layer(layer)
+    out = _propagate_seeds(adapter, x, layer, lambda grid: position_seeds(position, x.shape[0], grid, name, x.device),
+                           differentiable, dtype, return_sink)
     if return_sink:
         return out[0][:, 0], out[1][:, 0]
     return out[:, 0]

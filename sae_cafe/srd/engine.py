@@ -38,7 +38,7 @@ class SRDRun:
                 out = br.forward(self._pool(br)[0] if br.pool is not None else self.post[br.source])
                 self.out[i, j] = out
                 z = out if z is None else z + out
-            if not torch.isfinite(z).all():
+            if not torch.isfinite(z.sum()):  # one reduction: NaN/inf anywhere propagates into the sum
                 raise NonFiniteError(f"non-finite (NaN/inf) activations at node {stage.target!r}: check the input "
                                      "image values and the model weights for NaN/inf or overflow")
             self.pre[stage.target] = z
@@ -94,6 +94,7 @@ class SRDRun:
             if r is None:
                 continue
             N, S = r.shape[:2]
+            moved = 0.0
             for br, m in zip(stage.branches, self.mu(i)):
                 src = self.post[br.source]
                 pooled_hw = self._pool(br)[0].shape[-2:] if br.pool is not None else None
@@ -101,9 +102,10 @@ class SRDRun:
                 prod = (m.unsqueeze(1) * r.unsqueeze(2)).flatten(0, 1)  # (N*S, J, h', w')
                 back = scatter(prod).view(N, S, *src.shape[-2:])
                 rel[br.source] = rel[br.source] + back if br.source in rel else back
+                if deltas is not None:
+                    moved = moved + back.sum()
             if deltas is not None:
-                got = sum(rel[b.source].sum() for b in {b.source: b for b in stage.branches}.values())
-                deltas[stage.target] = float((got - r.sum()).abs())
+                deltas[stage.target] = float((moved - r.sum()).abs())
         inp = rel.pop("input", None)
         if inp is None:
             inp = torch.zeros(self.x.shape[0], 1, *self.x.shape[-2:], dtype=self.x.dtype, device=self.x.device)

@@ -23,17 +23,6 @@ from .graph import Branch, MaxPoolSpec
 Scatter = Callable[[torch.Tensor], torch.Tensor]  # (B, J, h', w') -> (B, 1, h, w)
 
 
-def _offset_slices(t: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
-                   padding: tuple[int, int], dilation: tuple[int, int], out_hw: tuple[int, int]
-                   ) -> Iterator[torch.Tensor]:
-    """For each kernel offset (row-major), the strided source slice aligned with the output grid."""
-    (kh, kw), (sh, sw), (ph, pw), (dh, dw), (oh, ow) = kernel, stride, padding, dilation, out_hw
-    tp = F.pad(t, (pw, pw, ph, ph)) if ph or pw else t
-    for a in range(kh):
-        for b in range(kw):
-            yield tp[:, :, a * dh: a * dh + sh * (oh - 1) + 1: sh, b * dw: b * dw + sw * (ow - 1) + 1: sw]
-
-
 def _one_hot_kernel(groups: int, kernel: tuple[int, int], like: torch.Tensor) -> torch.Tensor:
     k = kernel[0] * kernel[1]
     eye = torch.eye(k, dtype=like.dtype, device=like.device).view(k, 1, *kernel)
@@ -77,57 +66,105 @@ def pool_offset_masks(pool: MaxPoolSpec, idx: torch.Tensor, src_w: int) -> torch
     return ((rows - r0) // pool.dilation[0]) * pool.kernel[1] + (cols - c0) // pool.dilation[1]
 
 
-def _path_sources(branch: Branch, v: torch.Tensor, pooled: torch.Tensor | None, idx: torch.Tensor | None,
-                  out_hw: tuple[int, int]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """(source slice aligned with the output grid, validity slice) for every path j = (o, k)."""
+def _unfold(t: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
+    """(N, C, H, W) → (N, C, K, L): the source vector of every kernel offset k at every output position."""
+    u = F.unfold(t, kernel, dilation, padding, stride)
+    return u.view(t.shape[0], t.shape[1], kernel[0] * kernel[1], -1)
+
+
+def _geometry(branch: Branch) -> tuple:
     conv = branch.conv
-    geo = (conv.kernel, conv.stride, conv.padding, conv.dilation) if conv is not None else (
-        (1, 1), (1, 1), (0, 0), (1, 1))
+    if conv is None:
+        return (1, 1), (1, 1), (0, 0), (1, 1)
+    return conv.kernel, conv.stride, conv.padding, conv.dilation
+
+
+def _path_sources(branch: Branch, v: torch.Tensor, pooled: torch.Tensor | None, idx: torch.Tensor | None
+                  ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Per pool offset o: unfolded sources (N, C, K, L) and their validity (1, 1, K, L)."""
+    geo = _geometry(branch)
     if branch.pool is None:
-        ones = torch.ones_like(v[:1, :1])
-        yield from zip(_offset_slices(v, *geo, out_hw), _offset_slices(ones, *geo, out_hw))
+        yield _unfold(v, *geo), _unfold(torch.ones_like(v[:1, :1]), *geo)
         return
     pool = branch.pool
     offsets = pool_offset_masks(pool, idx, v.shape[-1])
     ones = torch.ones_like(v[:1, :1])
-    pooled_hw = pooled.shape[-2:]
-    for o, valid_o in enumerate(_offset_slices(ones, pool.kernel, pool.stride, pool.padding, pool.dilation,
-                                               pooled_hw)):
-        u_o = pooled * (offsets == o)
-        yield from zip(_offset_slices(u_o, *geo, out_hw), _offset_slices(valid_o, *geo, out_hw))
+    valid_pool = _unfold(ones, pool.kernel, pool.stride, pool.padding, pool.dilation)  # (1, 1, P, L'')
+    for o in range(pool.n_offsets):
+        valid_o = valid_pool[:, :, o].view(1, 1, *pooled.shape[-2:])
+        yield _unfold(pooled * (offsets == o), *geo), _unfold(valid_o, *geo)
+
+
+def _path_outputs(branch: Branch, src: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
+    """Bias-free contribution vectors (N, k, C_out, L) for chunks of kernel offsets, from (N, C_in, K, L)."""
+    conv = branch.conv
+    if conv is None:
+        yield src.transpose(1, 2)
+        return
+    g = conv.groups
+    N, cin, K, L = src.shape
+    cout = conv.weight.shape[0]
+    w = conv.weight.reshape(g, cout // g, cin // g, K).permute(3, 0, 1, 2)  # (K, g, cout/g, cin/g)
+    u = src.view(N, g, cin // g, K, L).permute(0, 3, 1, 2, 4)  # (N, K, g, cin/g, L)
+    for k0 in range(0, K, chunk):
+        out = torch.matmul(w[k0:k0 + chunk], u[:, k0:k0 + chunk])  # (N, k, g, cout/g, L)
+        yield out.reshape(N, out.shape[1], cout, L)
+
+
+def _dots_norms_gram(branch: Branch, src: torch.Tensor, z: torch.Tensor, need_norm: bool
+                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """dot (N, K, L) = ⟨W_k u, z⟩ = ⟨u, W_kᵀ z⟩ and ‖W_k u‖² = uᵀ (W_kᵀ W_k) u, cheap when C_in ≪ C_out."""
+    conv = branch.conv
+    N, cin, K, L = src.shape
+    w = conv.weight.reshape(conv.weight.shape[0], cin, K).permute(2, 1, 0)  # (K, cin, cout)
+    wz = torch.matmul(w, z.flatten(2).unsqueeze(1))  # (N, K, cin, L)
+    u = src.permute(0, 2, 1, 3)  # (N, K, cin, L)
+    dot = (wz * u).sum(2)
+    if not need_norm:
+        return dot, None
+    gram = torch.matmul(w, w.transpose(1, 2))  # (K, cin, cin)
+    norm = (torch.matmul(gram, u) * u).sum(2).clamp_min(0).sqrt()
+    return dot, norm
 
 
 def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tensor,
-              pooled: torch.Tensor | None, idx: torch.Tensor | None) -> torch.Tensor:
+              pooled: torch.Tensor | None, idx: torch.Tensor | None, max_bytes: int = 1 << 28) -> torch.Tensor:
     """Sharing ratios (N, J, h', w') of the branch's paths into node ``z`` (N, C, h', w').
 
     ``out`` is the branch's output (with bias), ``pooled``/``idx`` its max-pool output and stored indices.
+    Path j = o·K + k. Memory is bounded by ``max_bytes`` per chunk of kernel offsets.
     """
     zz = (z * z).sum(1)
     inv = torch.where(zz > 0, 1.0 / torch.where(zz > 0, zz, torch.ones_like(zz)), torch.zeros_like(zz))
-    bz = (branch.bias.view(1, -1, 1, 1) * z).sum(1) if branch.bias is not None else None
-    conv, out_hw = branch.conv, z.shape[-2:]
-    simple = branch.pool is None and (conv is None or (conv.kernel == (1, 1) and conv.padding == (0, 0)))
-    if simple:  # one path per target: the whole branch output (bias included) comes from one source
+    conv, (h, w) = branch.conv, z.shape[-2:]
+    if branch.pool is None and (conv is None or (conv.kernel == (1, 1) and conv.padding == (0, 0))):
+        # one path per target: the whole branch output (bias included) comes from one source
         return ((out * z).sum(1) * inv).unsqueeze(1)
+    zf = z.flatten(2).unsqueeze(1)  # (N, 1, C_out, L)
+    per_offset = z.shape[0] * z.shape[1] * h * w * z.element_size()
+    chunk = max(1, max_bytes // max(per_offset, 1))
+    need_norm = branch.bias is not None
+    gram = conv is not None and conv.groups == 1 and 2 * conv.weight.shape[1] <= conv.weight.shape[0]
     dots, norms, valids = [], [], []
-    for src, valid in _path_sources(branch, v, pooled, idx, out_hw):
-        if conv is None:
-            path = src
-        else:
-            a = len(dots) % conv.n_offsets
-            w_k = conv.weight[:, :, a // conv.kernel[1]: a // conv.kernel[1] + 1,
-                              a % conv.kernel[1]: a % conv.kernel[1] + 1]
-            path = F.conv2d(src, w_k, None, 1, 0, 1, conv.groups)
-        dots.append((path * z).sum(1))
-        if bz is not None:
-            norms.append(torch.linalg.vector_norm(path, dim=1))
-            valids.append(valid[:, 0].expand_as(dots[-1]))
-    dot = torch.stack(dots, 1)
-    if bz is None:
+    for src, valid in _path_sources(branch, v, pooled, idx):
+        valids.append(valid[:, 0])
+        if gram:
+            dot, norm = _dots_norms_gram(branch, src, z, need_norm)
+            dots.append(dot)
+            norms.append(norm)
+            continue
+        for path in _path_outputs(branch, src, chunk):
+            dots.append(torch.linalg.vecdot(path, zf, dim=2))
+            if need_norm:
+                norms.append(torch.linalg.vecdot(path, path, dim=2).sqrt())
+    dot = torch.cat(dots, 1).view(z.shape[0], -1, h, w)
+    if not need_norm:
         return dot * inv.unsqueeze(1)
-    norm, valid = torch.stack(norms, 1), torch.stack(valids, 1).to(dot.dtype)
+    bz = (branch.bias.view(1, -1, 1, 1) * z).sum(1)
+    norm = torch.cat(norms, 1).view_as(dot)
     total = norm.sum(1, keepdim=True)
-    frac = torch.where(total > 0, norm / torch.where(total > 0, total, torch.ones_like(total)),
-                       valid / valid.sum(1, keepdim=True).clamp_min(1))
+    frac = norm / torch.where(total > 0, total, torch.ones_like(total))
+    if not (total > 0).all():  # every contribution is zero: share the bias equally over in-bounds paths
+        valid = torch.cat(valids, 1).view(1, -1, h, w).to(dot.dtype)
+        frac = torch.where(total > 0, frac, valid / valid.sum(1, keepdim=True).clamp_min(1))
     return (dot + frac * bz.unsqueeze(1)) * inv.unsqueeze(1)
