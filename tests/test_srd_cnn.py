@@ -156,6 +156,19 @@ def test_matches_slow_explicit_reference(act):
         assert torch.allclose(ours[n].sum(), logit, rtol=1e-9)
 
 
+def test_dense_stride1_conv_after_pool_matches_reference():
+    """3×3 stride-1 dense convs (the shifted 1×1 formulation), after a 2×2 pool and on their own."""
+    model = randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.Conv2d(8, 6, 3, padding=2, dilation=2), nn.ReLU(),
+        nn.Flatten(), nn.Linear(6 * 4 * 4, 3))).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    ours = srd_saliency(model, x, 1, contrast="none", dtype=torch.float64)
+    for n in range(2):
+        assert torch.allclose(ours[n], reference_saliency(model, x[n], 1), atol=1e-10, rtol=1e-8)
+
+
 @pytest.mark.parametrize("make", [tiny_resnet, tiny_vgg, plain_net])
 def test_conservation_and_sharing_ratios_float64(make):
     model = make().double()

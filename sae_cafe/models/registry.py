@@ -14,6 +14,7 @@ from torch import nn
 from ..errors import SaeCafeError
 from .base import ModelAdapter
 from .cnn import ResNetAdapter, SequentialCNNAdapter, VGGAdapter
+from .mobile import ConvNeXtAdapter, EfficientNetAdapter, MobileNetV3Adapter
 from .vit import TimmViTAdapter, TorchvisionViTAdapter
 from .weights import load_weights
 
@@ -57,7 +58,8 @@ def _timm(name: str) -> Callable[..., nn.Module]:
 
 
 for _n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg13", "vgg16",
-           "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "vit_b_16"):
+           "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "vit_b_16", "efficientnet_b0",
+           "mobilenet_v3_small"):
     register_model(_n)(_tv(_n))
 for _n in ("vit_base_patch16_224", "vit_small_patch16_224", "vit_tiny_patch16_224", "deit_small_patch16_224",
            "deit_tiny_patch16_224", "deit_base_patch16_224"):
@@ -81,6 +83,12 @@ def make_adapter(model: nn.Module, name: str | None = None, **kw) -> ModelAdapte
         TimmViT = ()
     if TimmViT and isinstance(model, TimmViT):
         return TimmViTAdapter(model, name, **kw)
+    if isinstance(model, torchvision.models.EfficientNet):
+        return EfficientNetAdapter(model, name, **kw)
+    if isinstance(model, torchvision.models.MobileNetV3):
+        return MobileNetV3Adapter(model, name, **kw)
+    if isinstance(model, torchvision.models.ConvNeXt):  # adapter without SRD rules (LayerNorm2d)
+        return ConvNeXtAdapter(model, name, **kw)
     if isinstance(model, nn.Sequential):
         return SequentialCNNAdapter(model, name, **kw)
     raise SaeCafeError(f"no adapter for model class {type(model).__name__}; supported: torchvision ResNet, "

@@ -81,10 +81,10 @@ def _geometry(branch: Branch) -> tuple:
 
 def _path_sources(branch: Branch, v: torch.Tensor, pooled: torch.Tensor | None, idx: torch.Tensor | None
                   ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Per pool offset o: unfolded sources (N, C, K, L) and their validity (1, 1, K, L)."""
+    """Per pool offset o: the source map (N, C, H, W) of that offset and its path validity (1, 1, K, L)."""
     geo = _geometry(branch)
     if branch.pool is None:
-        yield _unfold(v, *geo), _unfold(torch.ones_like(v[:1, :1]), *geo)
+        yield v, _unfold(torch.ones_like(v[:1, :1]), *geo)
         return
     pool = branch.pool
     offsets = pool_offset_masks(pool, idx, v.shape[-1])
@@ -92,7 +92,30 @@ def _path_sources(branch: Branch, v: torch.Tensor, pooled: torch.Tensor | None, 
     valid_pool = _unfold(ones, pool.kernel, pool.stride, pool.padding, pool.dilation)  # (1, 1, P, L'')
     for o in range(pool.n_offsets):
         valid_o = valid_pool[:, :, o].view(1, 1, *pooled.shape[-2:])
-        yield _unfold(pooled * (offsets == o), *geo), _unfold(valid_o, *geo)
+        yield pooled * (offsets == o), _unfold(valid_o, *geo)
+
+
+def _dots_norms_shift(conv, src: torch.Tensor, z: torch.Tensor, need_norm: bool, chunk: int
+                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Stride-1 dense conv: Y_k = W_k u for all k by one 1×1 convolution over the source map, then the
+    contribution of offset k to target q is Y_k read at the shifted source position q + k·d − π."""
+    (kh, kw), (ph, pw), (dh, dw) = conv.kernel, conv.padding, conv.dilation
+    N, cout, h, w = z.shape
+    K = kh * kw
+    w1 = conv.weight.permute(2, 3, 0, 1).reshape(K * cout, -1, 1, 1)  # offset-major stacked 1×1 kernels
+    dots, norms = [], []
+    for k0 in range(0, K, chunk):
+        k1 = min(K, k0 + chunk)
+        y = F.conv2d(src, w1[k0 * cout:k1 * cout])
+        y = F.pad(y, (pw, pw, ph, ph)) if ph or pw else y
+        for j, k in enumerate(range(k0, k1)):
+            a, b = divmod(k, kw)
+            yk = y[:, j * cout:(j + 1) * cout, a * dh:a * dh + h, b * dw:b * dw + w]
+            dots.append(torch.linalg.vecdot(yk, z, dim=1))
+            if need_norm:
+                norms.append(torch.linalg.vecdot(yk, yk, dim=1).sqrt())
+    dot = torch.stack(dots, 1).flatten(2)
+    return dot, (torch.stack(norms, 1).flatten(2) if need_norm else None)
 
 
 def _path_outputs(branch: Branch, src: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
@@ -145,15 +168,17 @@ def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tenso
     chunk = max(1, max_bytes // max(per_offset, 1))
     need_norm = branch.bias is not None
     gram = conv is not None and conv.groups == 1 and 2 * conv.weight.shape[1] <= conv.weight.shape[0]
+    shift = conv is not None and conv.groups == 1 and conv.stride == (1, 1) and not gram
     dots, norms, valids = [], [], []
-    for src, valid in _path_sources(branch, v, pooled, idx):
+    for src_map, valid in _path_sources(branch, v, pooled, idx):
         valids.append(valid[:, 0])
-        if gram:
-            dot, norm = _dots_norms_gram(branch, src, z, need_norm)
+        if shift or gram:
+            dot, norm = (_dots_norms_shift(conv, src_map, z, need_norm, chunk) if shift else
+                         _dots_norms_gram(branch, _unfold(src_map, *_geometry(branch)), z, need_norm))
             dots.append(dot)
             norms.append(norm)
             continue
-        for path in _path_outputs(branch, src, chunk):
+        for path in _path_outputs(branch, _unfold(src_map, *_geometry(branch)), chunk):
             dots.append(torch.linalg.vecdot(path, zf, dim=2))
             if need_norm:
                 norms.append(torch.linalg.vecdot(path, path, dim=2).sqrt())

@@ -1,0 +1,364 @@
+"""``build_cafe``: mine top-k exemplars, anchor them to SRD iERFs, index them in FAISS, write the stage.
+
+Stage layout (``indexes/<run>/cafe/<model>/<layer>/``)::
+
+    manifest.json          kind "cafe": config, index strings, counts, timings, upstream
+    topk.safetensors       TopKState (top-k + uniform sample + firing statistics)
+    exemplars.safetensors  ex_latent/ex_rank/ex_image/ex_row/ex_col (E,), ex_activation (E,), ex_pfv (E, D)
+    anchors.safetensors    ierf16 (E, H, W) fp16, ierf_scale (E,), act_map (E, h, w) fp16
+    latents.safetensors    per-latent table (S,) (also latents.json, for viewers)
+    decoder.faiss          latent decoder directions (ids = latent); decoder.safetensors W_dec, b_dec
+    exemplars.faiss        exemplar PFVs (ids = exemplar row → exemplars/anchors)
+    images.json            image names, labels and the image source path
+    class_push.safetensors (S, C) logit change per unit of each latent (only for layers under a linear head)
+
+The build is resumable: the partial state (mining checkpoints, finished anchoring chunks) lives in the
+temporary stage directory ``.<layer>.tmp`` and a rerun with the same inputs continues from it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts import atomic_write_json, hash_json, read_manifest, stage_dir, stage_path, write_manifest
+from ..errors import SaeCafeError
+from ..models import get_adapter
+from .anchor import IerfFn, anchor_exemplars, encode_layer
+from .index import make_index
+from .metrics import concentration, purity_table
+from .source import ImageSource
+from .store import Cafe, load_cafe
+from .topk import TopKMiner, TopKState
+
+STATE = "mining_state.safetensors"
+RESUME = "resume.json"
+
+
+@dataclass
+class CafeConfig:
+    """CAFE build settings.
+
+    Attributes:
+        k: top exemplars kept per latent. distinct_images: at most one exemplar per image (its best
+            position; spec §3.2) — False keeps the top (image, position) pairs.
+        n_anchor: exemplars per latent anchored to iERFs (≤ k; None = k).
+        n_sample: uniform-sample slots per latent (lower activation quantiles; 0 = off).
+        seed_mode: ``"pfv"`` one-hot at the exemplar PFV (default) or ``"actmap"`` (latent activation map).
+        index: FAISS spec of the exemplar index (``Flat`` | ``IVF`` | ``HNSW`` | factory string);
+            ``decoder_index`` the same for decoder directions. ``index_params`` search params (None = auto).
+        batch_size: images per mining batch. checkpoint_every: mining batches between saved checkpoints.
+        seeds_per_pass: iERF seeds per image per SRD call. anchor_batch: images per SRD call.
+        anchor_chunk: images per saved anchoring chunk. sample_seed: hash seed of the uniform sample.
+    """
+
+    k: int = 16
+    distinct_images: bool = True
+    n_anchor: int | None = None
+    n_sample: int = 32
+    seed_mode: str = "pfv"
+    index: str = "Flat"
+    decoder_index: str = "Flat"
+    index_params: str | None = None
+    batch_size: int = 32
+    checkpoint_every: int = 10
+    seeds_per_pass: int = 64
+    anchor_batch: int = 8
+    anchor_chunk: int = 64
+    sample_seed: int = 0
+
+    def validate(self) -> None:
+        if self.k < 1 or (self.n_anchor is not None and not 0 < self.n_anchor <= self.k):
+            raise SaeCafeError(f"CafeConfig: need k >= 1 and 0 < n_anchor <= k, got k={self.k}, "
+                               f"n_anchor={self.n_anchor}")
+        if self.seed_mode not in ("pfv", "actmap"):
+            raise SaeCafeError(f"CafeConfig: seed_mode must be 'pfv' or 'actmap', got {self.seed_mode!r}")
+
+
+def sae_hash(sae) -> str:
+    """sha256 of an SAE's parameters (names, shapes, bytes)."""
+    h = hashlib.sha256()
+    for name, t in sorted(sae.state_dict().items()):
+        h.update(name.encode())
+        h.update(str(tuple(t.shape)).encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def model_hash(adapter) -> str:
+    if adapter.weights_hash:
+        return adapter.weights_hash
+    h = hashlib.sha256()
+    for name, t in sorted(adapter.model.state_dict().items()):
+        h.update(name.encode())
+        h.update(t.detach().float().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+def _check_sae(sae, adapter, layer: str) -> str:
+    from ..saes import check_sae
+
+    return check_sae(sae, adapter, layer, check_model=False, source="the SAE")
+
+
+@torch.no_grad()
+def class_push(adapter, sae, layer: str, x: torch.Tensor, tol: float = 1e-3) -> torch.Tensor | None:
+    """(S, C) logit change per unit of each latent, when the layer sits under a linear head; else None.
+
+    The map layer-output → logits is tested for linearity (f(a+b) = f(a)+f(b)-f(0)) on ``x`` (1 image);
+    if it holds, a latent's push is f(d_k at every position) - f(0) (a unit of the latent everywhere).
+    """
+    act = adapter.capture(x, [layer], stop_early=True)[layer]
+    batch = adapter.to_pfv(act)
+
+    def f(pfv: torch.Tensor) -> torch.Tensor:
+        b = type(batch)(pfv, batch.positions, batch.grid, batch.extra)
+        return adapter.forward_from(layer, adapter.from_pfv(b), x)
+
+    zero = torch.zeros_like(batch.pfv)
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(batch.pfv.shape, generator=g).to(zero) for _ in range(2))
+    f0 = f(zero)
+    fa = f(a)
+    lhs, rhs = f(a + b), fa + f(b) - f0
+    if (lhs - rhs).abs().max() > tol * (1 + rhs.abs().max()) or (fa - f0).abs().max() == 0:
+        return None  # not under a linear head (or the head ignores the layer, e.g. a zero-initialised head)
+    W = sae.W_dec.detach().float().to(zero.device)  # (S, D)
+    out = []
+    for s in range(0, W.shape[0], 64):
+        d = W[s:s + 64]
+        pf = d[:, None, :].expand(d.shape[0], batch.pfv.shape[1], d.shape[1])
+        xs = x.expand(d.shape[0], *x.shape[1:])
+        bb = type(batch)(pf.contiguous(), batch.positions, batch.grid,
+                         None if batch.extra is None else batch.extra.expand(d.shape[0], -1, -1))
+        out.append((adapter.forward_from(layer, adapter.from_pfv(bb), xs) - f0).float().cpu())
+    return torch.cat(out)
+
+
+def _fingerprint(adapter, sae, layer: str, source: ImageSource, cfg: CafeConfig) -> dict:
+    return {"model": adapter.name, "model_hash": model_hash(adapter), "layer": layer, "sae_hash": sae_hash(sae),
+            "images": source.fingerprint(), "config": hash_json(asdict(cfg))}
+
+
+def _open_work(final: Path, fp: dict) -> Path:
+    """The temporary stage dir holding partial state; kept if its fingerprint matches, else restarted."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    hold = final.with_name(f".{final.name}.resume")
+    if hold.exists():  # interrupted while publishing: bring the parts back
+        tmp.mkdir(parents=True, exist_ok=True)
+        for f in hold.iterdir():
+            if not (tmp / f.name).exists():
+                os.replace(f, tmp / f.name)
+        shutil.rmtree(hold)
+    if tmp.exists():
+        try:
+            old = json.loads((tmp / RESUME).read_text())
+        except (OSError, json.JSONDecodeError):
+            old = None
+        if old != fp:
+            if old is not None:
+                warnings.warn(f"{tmp}: partial CAFE state is for other inputs; starting over", stacklevel=3)
+            shutil.rmtree(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(tmp / RESUME, fp)
+    return tmp
+
+
+def mine(adapter, sae, layer: str, source: ImageSource, cfg: CafeConfig, work: Path | None = None,
+         progress: bool = True) -> tuple[TopKState, torch.Tensor, tuple[int, int]]:
+    """Stream all images through model+SAE into a :class:`TopKState` (checkpointed in ``work``).
+
+    Returns the state, the dataset mean colour (3,) in the model's input space and the layer grid.
+    """
+    S = sae.W_dec.shape[0]
+    n = len(source)
+    state, done, csum, npx = None, 0, torch.zeros(3, dtype=torch.float64), 0
+    if work is not None and (work / STATE).exists():
+        state, meta = TopKState.load(work / STATE)
+        done, npx = int(meta["done"]), int(meta["n_pixels"])
+        csum = torch.tensor(meta["colour_sum"], dtype=torch.float64)
+    miner = TopKMiner(S, cfg.k, cfg.n_sample, cfg.sample_seed, state=state, distinct_images=cfg.distinct_images)
+    grid = adapter.grid(layer)
+    bar = tqdm(total=n, initial=done, desc=f"mining top-{cfg.k} {layer}", unit="img", disable=not progress)
+    for nb, start in enumerate(range(done, n, cfg.batch_size), 1):
+        idx = list(range(start, min(n, start + cfg.batch_size)))
+        x = source.batch(idx, adapter)
+        _, lat, grid = encode_layer(adapter, sae, layer, x)
+        miner.update(lat, torch.tensor(idx))
+        csum += x.double().sum((0, 2, 3)).cpu()
+        npx += x.shape[0] * x.shape[2] * x.shape[3]
+        bar.update(len(idx))
+        if work is not None and (nb % cfg.checkpoint_every == 0 or idx[-1] == n - 1):
+            miner.state.save(work / STATE, {"done": idx[-1] + 1, "n_pixels": npx, "colour_sum": csum.tolist()})
+    bar.close()
+    return miner.state, (csum / max(npx, 1)).float(), tuple(grid)
+
+
+def exemplar_table(state: TopKState, n_anchor: int, grid_w: int) -> dict[str, torch.Tensor]:
+    """Flatten the top ``n_anchor`` exemplars of every latent into rows (latent-major, rank order)."""
+    v, i, p = state.values[:, :n_anchor], state.image[:, :n_anchor], state.pos[:, :n_anchor]
+    S, K = v.shape
+    ok = i >= 0
+    lat = torch.arange(S)[:, None].expand(S, K)[ok]
+    rank = torch.arange(K)[None, :].expand(S, K)[ok]
+    pos = p[ok]
+    return {"ex_latent": lat.contiguous(), "ex_rank": rank.contiguous(), "ex_image": i[ok].contiguous(),
+            "ex_pos": pos.contiguous(), "ex_row": (pos // grid_w).contiguous(), "ex_col": (pos % grid_w).contiguous(),
+            "ex_activation": v[ok].contiguous()}
+
+
+def build_cafe(model, sae, layer: str | int, images: object, out_dir: str | Path | None = None, run: str | None = None,
+               root: str | Path | None = None, config: CafeConfig | None = None, ierf_fn: IerfFn | None = None,
+               attributes: dict[str, object] | None = None, upstream: dict[str, str | Path] | None = None,
+               progress: bool = True, extra_manifest: dict | None = None, **overrides) -> Cafe:
+    """Build the CAFE stage of ``model``'s ``layer`` with ``sae`` over ``images`` and return it loaded.
+
+    Args:
+        model: adapter or nn.Module. sae: any ``sae_lens.SAE`` trained on ``layer``.
+        images: folder, list of images/paths, indexable dataset or preprocessed (N,3,H,W) tensor; image ids
+            are positions in this sequence.
+        out_dir: stage directory (default ``stage_path(run, "cafe", model, layer, root=root)``).
+        config / overrides: :class:`CafeConfig` (keyword overrides, e.g. ``k=8``, ``index="HNSW"``).
+        ierf_fn: iERF engine (default SRD ``srd_ierf_from_relevance``).
+        attributes: optional ground truth {name: (N, H, W) int maps, -1 = n/a} aligned with ``images``
+            (input resolution), for the per-latent attribute purity.
+        extra_manifest: additional JSON fields for the manifest (e.g. ``sae_path``).
+    """
+    adapter = get_adapter(model)
+    cfg = config or CafeConfig()
+    if overrides:
+        cfg = CafeConfig(**{**asdict(cfg), **overrides})
+    cfg.validate()
+    layer = adapter.resolve_layer(layer)
+    _check_sae(sae, adapter, layer)
+    sae.eval()
+    source = ImageSource(images)
+    if out_dir is None:
+        if run is None:
+            raise SaeCafeError("build_cafe: pass out_dir or run (the stage goes to indexes/<run>/cafe/<model>/"
+                               "<layer>)")
+        out_dir = stage_path(run, "cafe", adapter.name, layer, root=root)
+    final = Path(out_dir)
+    fp = _fingerprint(adapter, sae, layer, source, cfg)
+    work = _open_work(final, fp)
+    t0 = time.perf_counter()
+    state, mean_colour, grid = mine(adapter, sae, layer, source, cfg, work, progress)
+    t_mine = time.perf_counter() - t0
+    ex = exemplar_table(state, cfg.n_anchor or cfg.k, grid[1])
+    if ex["ex_latent"].numel() == 0:
+        raise SaeCafeError(f"no latent of the SAE fires on any of the {len(source)} images at layer {layer!r}; "
+                           "check that the SAE belongs to this model and layer")
+    t1 = time.perf_counter()
+    anchors = anchor_exemplars(adapter, sae, layer, source, ex["ex_latent"], ex["ex_image"], ex["ex_pos"],
+                               seed=cfg.seed_mode, seeds_per_pass=cfg.seeds_per_pass, batch_images=cfg.anchor_batch,
+                               chunk_images=cfg.anchor_chunk, ierf_fn=ierf_fn, work_dir=work, progress=progress)
+    t_anchor = time.perf_counter() - t1
+    ex["ex_pfv"] = anchors.pop("pfv").float().contiguous()
+    n_ierf, ierf_seconds = int(anchors.pop("n_ierf")), float(anchors.pop("seconds"))
+    ex["ex_activation_check"] = anchors.pop("activation").float().contiguous()
+    x_in = source.batch([0], adapter)
+    H, W = x_in.shape[-2:]
+    # --- per-latent table
+    S = state.values.shape[0]
+    conc_i, conc_a = concentration(anchors["ierf16"], anchors["ierf_scale"], anchors["act_map"], (H, W))
+    table = latent_table(state, ex["ex_latent"], conc_i, conc_a)
+    if attributes is not None:
+        pur = purity_table(anchors, ex, attributes, S, (H, W))
+        table.update(pur)
+    push = class_push(adapter, sae, layer, x_in)
+    # --- FAISS
+    t2 = time.perf_counter()
+    ex_index = make_index(ex["ex_pfv"], cfg.index, params=cfg.index_params)
+    dec_index = make_index(sae.W_dec.detach().float().cpu(), cfg.decoder_index, params=cfg.index_params)
+    t_index = time.perf_counter() - t2
+    from safetensors.torch import save_file
+
+    os.replace(work, final.with_name(f".{final.name}.resume"))
+    hold = final.with_name(f".{final.name}.resume")
+    with stage_dir(final) as d:
+        state.save(d / "topk.safetensors", {"layer": layer})
+        save_file({k: v.contiguous() for k, v in ex.items()}, str(d / "exemplars.safetensors"))
+        save_file({k: v.contiguous() for k, v in anchors.items()}, str(d / "anchors.safetensors"))
+        save_file({k: v.contiguous() for k, v in table.items()}, str(d / "latents.safetensors"))
+        save_file({"W_dec": sae.W_dec.detach().float().cpu().contiguous(),
+                   "b_dec": sae.b_dec.detach().float().cpu().contiguous()}, str(d / "decoder.safetensors"))
+        if push is not None:
+            save_file({"class_push": push.contiguous()}, str(d / "class_push.safetensors"))
+        atomic_write_json(d / "latents.json", latents_json(table, push, adapter.class_names))
+        atomic_write_json(d / "images.json", {
+            "n": len(source), "names": source.names,
+            "labels": [source.label(i) for i in range(len(source))],
+            "source": str(source.root) if source.root is not None else None})
+        ex_index.write(d / "exemplars.faiss")
+        dec_index.write(d / "decoder.faiss")
+        write_manifest(
+            d, "cafe", cfg, upstream,
+            model=adapter.name, model_hash=fp["model_hash"], layer=layer, sae_hash=fp["sae_hash"],
+            sae_cfg={"d_in": int(sae.cfg.d_in), "d_sae": int(sae.cfg.d_sae), "architecture": sae.cfg.architecture()},
+            grid=list(grid), input_size=[int(H), int(W)], mean_colour=mean_colour.tolist(),
+            n_images=len(source), n_latents=S, n_exemplars=int(ex["ex_latent"].numel()),
+            indexes={"exemplars": {"spec": ex_index.spec, "params": ex_index.params, "ntotal": ex_index.ntotal},
+                     "decoder": {"spec": dec_index.spec, "params": dec_index.params, "ntotal": dec_index.ntotal}},
+            timings={"mine_s": t_mine, "anchor_s": t_anchor, "ierf_s": ierf_seconds, "index_s": t_index,
+                     "n_ierf": n_ierf, "ierf_per_s": n_ierf / max(ierf_seconds, 1e-9)},
+            has_class_push=push is not None, has_purity=attributes is not None, class_names=adapter.class_names,
+            **(extra_manifest or {}))
+    shutil.rmtree(hold, ignore_errors=True)
+    return load_cafe(final)
+
+
+def latent_table(state: TopKState, ex_latent: torch.Tensor, conc_ierf: torch.Tensor,
+                 conc_act: torch.Tensor) -> dict[str, torch.Tensor]:
+    """Per-latent stats (S,): firing frequency, image frequency, mean/max activation, concentrations."""
+    S = state.values.shape[0]
+    n_pfv, n_img = max(int(state.n_pfv), 1), max(int(state.n_images), 1)
+
+    def per_latent(v: torch.Tensor) -> torch.Tensor:
+        s = torch.zeros(S, dtype=torch.float64).index_add_(0, ex_latent, v.double())
+        c = torch.zeros(S, dtype=torch.float64).index_add_(0, ex_latent, torch.ones_like(v, dtype=torch.float64))
+        return torch.where(c > 0, s / c.clamp(min=1), torch.full_like(s, float("nan"))).float()
+
+    return {
+        "firing_frequency": (state.n_fire.double() / n_pfv).float(),
+        "image_frequency": (state.n_img_fire.double() / n_img).float(),
+        "mean_activation": (state.sum_act / state.n_fire.clamp(min=1)).float(),
+        "max_activation": state.max_act.float(),
+        "n_exemplars": (state.image >= 0).sum(1),
+        "concentration_ierf": per_latent(conc_ierf),
+        "concentration_act": per_latent(conc_act),
+    }
+
+
+def latents_json(table: dict[str, torch.Tensor], push: torch.Tensor | None,
+                 class_names: list[str] | None) -> list[dict]:
+    """The per-latent table as a list of JSON rows (NaN → None), with the top pushed classes."""
+    S = len(table["firing_frequency"])
+    rows = []
+    for s in range(S):
+        r: dict = {"latent": s}
+        for k, v in table.items():
+            x = v[s].item()
+            r[k] = None if isinstance(x, float) and x != x else x
+        if push is not None:
+            top = torch.argsort(push[s], descending=True)[:3].tolist()
+            r["pushes"] = [{"class": class_names[c] if class_names else c, "logit": float(push[s, c])} for c in top]
+        rows.append(r)
+    return rows
+
+
+def open_cafe(path: str | Path) -> Cafe:
+    """Load a finished CAFE stage (alias of :func:`load_cafe` with a manifest check)."""
+    read_manifest(path, "cafe")
+    return load_cafe(path)
+
+
+__all__ = ["CafeConfig", "build_cafe", "class_push", "exemplar_table", "mine", "open_cafe"]

@@ -1,0 +1,327 @@
+"""SRD (Sharing Ratio Decomposition) for pre-LN Vision Transformers (torchvision ``VisionTransformer``,
+timm ``VisionTransformer`` / DeiT). method_spec §2.4 made exact; the choices where it is ambiguous:
+
+* Nodes are the residual-stream token vectors at the two adds of every block: y = x + attn(LN₁ x) and
+  out = y + MLP(LN₂ y). Attention probabilities (recomputed from the q/k weights, since torchvision and
+  timm use fused kernels), LayerNorm σ and activation gates are frozen; LayerNorm mean-centring stays a
+  linear projection. With them frozen the network is affine in the pixels, and SRD decomposes that map.
+* Attention add: multi-head attention is W_O applied to the concatenated heads, so, as for a concatenation
+  (method_spec §2.2.9), each (source token s, head h) pair is a path with contribution
+  a_{(s,h)→t} = A^h_{ts} W_O^h W_V^h L₁(x_s) (L₁ = LN₁ without its shift). The value bias, LN₁ shift and
+  output bias (b_attn = W_O(W_V β₁ + b_V) + b_O, LayerScale folded in) are shared over these paths in
+  proportion to ‖a_{(s,h)→t}‖ (like ResNet's main-branch bias, the skip gets none; gap G4);
+  c_{s→t} = Σ_h (a_{(s,h)→t} + β_{(s,h)→t}) and the skip x_t is one more source of y_t.
+  μ = ⟨c, y_t⟩/‖y_t‖², so Σ μ = 1 exactly; the only guard is μ = 0 for a zero target (and an equal bias
+  split when every path norm is zero), no ε. Sharing by head-summed norms ‖Σ_h a_{(s,h)→t}‖ (the other
+  reading of §2.4) would need an extra H×H quadratic form per (t, s) and was measured slower.
+* MLP add: both sources belong to token t (the MLP has no token mixing), so relevance passes from out_t to
+  y_t unchanged; the MLP biases, LN₂ shift and GELU sit inside that token's term (activation-agnostic).
+* Patch embedding: pixel k of patch t contributes W_k x_k (its 3-channel vector times the conv kernel at
+  its offset); conv bias + position embedding are shared over the patch's pixels in proportion to
+  ‖W_k x_k‖, giving pixel-resolution maps. Class/register tokens at the input have no pixel source: the
+  relevance reaching them is the *sink*, reported (``return_sink=True`` → (N,), ``"tokens"`` → per
+  prefix token (N, E)), never renormalised: maps.sum((-2,-1)) + sink == seed total.
+* Class initialisation: the head (final LN, pooling, fc_norm, Linear; torchvision's Tanh pre-logits with
+  its gate frozen) is affine in the final stream. Pooled head (timm ``global_pool="avg"``): token t's
+  share of logit y is F(x^L_t)[y] + its norm-proportional share (‖F(x^L_t)‖ in logit space) of the head
+  bias b̃ (head bias + final LN shifts); the node is the last block's output. Class-token head: the class
+  token's final vector is decomposed through the last block, sources = attention sources c_{s→cls}, the
+  class token's skip and its MLP term; the MLP term (a function of the already mixed y_cls) follows
+  y_cls's sharing ratios; b̃ is shared over these sources. The node is the last block's *input*, so Σ R =
+  logit exactly and ``vit_srd_relevance`` reports the last block's output as all on the class token.
+* contrast="mean" subtracts the mean over *patch* tokens at the class-initialisation node; prefix tokens
+  keep their share. So for a pooled head Σ maps + sink = 0, and for a class-token head Σ maps + sink = the
+  class/register tokens' share of the logit at the last block's input (their relevance then reaches the
+  pixels uncontrasted through earlier attention). contrast="none": Σ maps + sink = logit.
+* Costs: one forward with explicit attention, plus per block one D×A projection, one T×T×A product (as
+  Q·Kᵀ), per-head e×e Grams and three passes over the (N,H,T,T) attention; μ is computed once per image
+  (``ViTSRD``, ``vit_srd_sharing``) and every further seed costs one (T×T) matmul per block.
+* ``dtype`` other than the model's computes on a deep copy cast to it, cached (with the spec) per model and
+  weights version: a float64 copy of the model stays in memory while the model lives.
+* Dropout / drop-path are taken as identities (eval). Unsupported variants (conv stems, norm_pre, GLU MLPs,
+  attention pooling, gated or norm-scaled attention) raise UnsupportedModuleError naming the module.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import weakref
+
+import torch
+from torch import Tensor
+
+from ..errors import MismatchError, NonFiniteError, SaeCafeError, UnsupportedModuleError
+from .vit_model import Spec, check_input, make_spec, run
+from .vit_share import block_share, class_relevance, pixel_share
+
+__all__ = ["ViTSRD", "vit_apop_forward", "vit_srd_ierf", "vit_srd_ierf_from_relevance", "vit_srd_relevance",
+           "vit_srd_saliency", "vit_srd_sharing"]
+
+
+class ViTSRD:
+    """Sharing ratios of one batch (N images), computed once and reused for any number of seeds.
+
+    ``M[l]`` (N,T,T) are the attention-add ratios of block l (target × source), ``mu_pix`` (N,H,W) the
+    pixel ratios in their patch tokens. ``upto`` stops after block ``upto`` (iERFs of early layers).
+    """
+
+    def __init__(self, spec: Spec, x: Tensor, upto: int | None = None, keep: bool = False):
+        self.spec, self.x = spec, x
+        self.M: list[Tensor] = []
+        self.records: list = []  # (BlockShare, BlockRec) per block when keep
+        L = len(spec.blocks)
+        self.last = None
+
+        def on_block(li: int, rec) -> None:
+            last = li == L - 1
+            bs = block_share(spec.blocks[li], rec, keep=keep or last, keep_w=keep)
+            self.M.append(bs.M)
+            if keep:
+                self.records.append((bs, rec))
+            if last:
+                self.last = (bs, rec)
+
+        self.trace = run(spec, x, upto=upto, on_block=on_block)
+        out = self.trace.logits if self.trace.logits is not None else self.trace.last
+        if not torch.isfinite(out).all():
+            raise NonFiniteError(f"{spec.name}: NaN or inf activations in the forward pass; check the "
+                                 "weights and input scale (or use dtype=torch.float64)")
+        self.mu_pix = pixel_share(spec, x, self.trace.tokens0)
+
+    def down(self, R: Tensor, node: int) -> Tensor:
+        """Relevance (N,S,T) at node ``node`` (input of block ``node``; L = final stream) → node 0."""
+        for li in range(node - 1, -1, -1):
+            R = R @ self.M[li]
+        return R
+
+    def to_pixels(self, R0: Tensor) -> tuple[Tensor, Tensor]:
+        """Relevance (N,S,T) of the input tokens → maps (N,S,H,W) and sink per prefix token (N,S,E)."""
+        E, (h, w), P = self.spec.n_prefix, self.spec.grid, self.spec.patch
+        N, S = R0.shape[:2]
+        patches = R0[..., E:].reshape(N, S, h, w)
+        up = patches.repeat_interleave(P, -2).repeat_interleave(P, -1)
+        return up * self.mu_pix[:, None], R0[..., :E]
+
+    def class_relevance(self, target: Tensor, contrast: str = "mean") -> tuple[Tensor, int]:
+        """(R (N,T), node) of the logits ``target`` (N,) at the class-initialisation node, contrasted."""
+        if self.trace.logits is None:
+            raise SaeCafeError("ViTSRD was built with upto=...; class relevance needs the full forward")
+        R, node = class_relevance(self.spec, self.trace, target, self.last)
+        if contrast == "mean":
+            E = self.spec.n_prefix
+            R = torch.cat([R[:, :E], R[:, E:] - R[:, E:].mean(1, keepdim=True)], 1)
+        elif contrast not in ("none", None):
+            raise SaeCafeError(f"unknown contrast {contrast!r}; use 'mean' or 'none'")
+        return R, node
+
+
+# ----- argument handling ---------------------------------------------------------------------------------
+_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def _signature(model: torch.nn.Module) -> tuple:
+    return tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in (*model.parameters(),
+                                                                               *model.buffers()))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
+def _verify(spec: Spec, model: torch.nn.Module, x: Tensor) -> None:
+    """The functional forward must reproduce ``model(x)`` (fused attention hides the probabilities)."""
+    with torch.no_grad(), _eval_mode(model):
+        ref = model(x)
+        ours = run(spec, x).logits
+    if not torch.isfinite(ref).all():
+        raise NonFiniteError(f"{spec.name}: model(x) has NaN or inf logits; check the weights and the input")
+    err = float((ours - ref).abs().max())
+    tol = (1e-3 if ref.dtype != torch.float64 else 1e-8) * max(1.0, float(ref.abs().max()))
+    if not err <= tol:
+        raise UnsupportedModuleError(f"{spec.name}: the recomputed ViT forward does not reproduce model(x) "
+                                     f"(max |Δlogit| = {err:.3g}); this variant is not supported by ViT SRD")
+
+
+def _prepare(adapter, x: Tensor, dtype: torch.dtype | None) -> tuple[Spec, Tensor]:
+    """Spec of the model (a cached float64 deep copy when ``dtype`` differs) and x on its device/dtype.
+
+    The functional forward is checked against model(x[:1]) once per model, dtype and weights version.
+    """
+    if getattr(adapter, "family", None) != "vit":
+        raise MismatchError(f"vit SRD needs a ViT adapter, got {adapter!r}")
+    if not isinstance(x, Tensor) or x.ndim != 4:
+        raise MismatchError(f"x must be an (N,3,H,W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
+    if not torch.isfinite(x).all():
+        raise NonFiniteError(f"{adapter.name}: the input images contain NaN or inf")
+    model = adapter.model
+    p = next(model.parameters())
+    dtype = dtype or p.dtype
+    sig = _signature(model)
+    cache = _SPECS.setdefault(model, {})
+    if dtype not in cache or cache[dtype][0] != sig:
+        work = model if dtype == p.dtype else copy.deepcopy(model).to(dtype)  # never touch the user's model
+        spec = make_spec(work)
+        x = x.to(device=p.device, dtype=dtype)
+        check_input(spec, x)
+        _verify(spec, work, x[:1].detach())
+        cache[dtype] = (sig, spec)
+    spec = cache[dtype][1]
+    x = x.to(device=p.device, dtype=dtype)
+    check_input(spec, x)
+    return spec, x
+
+
+def _grad(differentiable: bool):
+    return torch.enable_grad() if differentiable else torch.no_grad()
+
+
+def _targets(target, n: int, k: int, device) -> Tensor:
+    t = torch.as_tensor(target, device=device).long().reshape(-1)
+    if t.numel() == 1:
+        t = t.expand(n)
+    if t.numel() != n:
+        raise MismatchError(f"target has {t.numel()} entries for {n} images; give an int or a (N,) tensor")
+    if ((t < 0) | (t >= k)).any():
+        raise MismatchError(f"target {t.tolist()} out of range for {k} classes")
+    return t
+
+
+def _sink_out(sink_tok: Tensor, return_sink) -> Tensor:
+    return sink_tok if return_sink == "tokens" else sink_tok.sum(-1)
+
+
+def _ret(maps: Tensor, sink_tok: Tensor, return_sink):
+    return (maps, _sink_out(sink_tok, return_sink)) if return_sink else maps
+
+
+def _token_index(spec: Spec, position, n: int, device) -> Tensor:
+    """(N,) token index (prefix tokens first) of an iERF position."""
+    h, w = spec.grid
+    E = spec.n_prefix
+    if isinstance(position, str):
+        if position != "cls" or not spec.has_cls:
+            raise MismatchError(f"position {position!r}: only 'cls' is a named token (and only with a "
+                                "class token)")
+        return torch.zeros(n, dtype=torch.long, device=device)
+    if isinstance(position, Tensor):
+        pos = position.to(device).long()
+        if pos.shape != (n, 2):
+            raise MismatchError(f"position tensor must be (N,2)=({n},2) (row, col), got {tuple(pos.shape)}")
+    elif isinstance(position, int) and not isinstance(position, bool):
+        if not 0 <= position < h * w:
+            raise MismatchError(f"patch index {position} is off the {h}×{w} grid (0 ≤ index < {h * w})")
+        return torch.full((n,), E + position, dtype=torch.long, device=device)
+    elif isinstance(position, tuple | list) and len(position) == 2:
+        pos = torch.tensor([list(position)], device=device).long().expand(n, 2)
+    else:
+        raise MismatchError(f"position {position!r}: use (row, col), a patch index, 'cls' or a (N,2) tensor")
+    if ((pos[:, 0] < 0) | (pos[:, 0] >= h) | (pos[:, 1] < 0) | (pos[:, 1] >= w)).any():
+        raise MismatchError(f"position {pos.tolist()} is off the {h}×{w} patch grid")
+    return E + pos[:, 0] * w + pos[:, 1]
+
+
+# ----- public API ----------------------------------------------------------------------------------------
+def vit_srd_sharing(adapter, x: Tensor, layer=None, dtype: torch.dtype | None = None,
+                    differentiable: bool = False) -> ViTSRD:
+    """Sharing ratios of x (N,3,H,W) up to block ``layer`` (all blocks and the head when None), for reuse."""
+    upto = None if layer is None else adapter.block_index(layer)
+    with _grad(differentiable):
+        spec, x = _prepare(adapter, x, dtype)
+        return ViTSRD(spec, x, upto=upto)
+
+
+def vit_srd_saliency(adapter, x: Tensor, target, contrast: str = "mean", return_sink=False,
+                     differentiable: bool = False, dtype: torch.dtype | None = None):
+    """Class saliency maps (N,H,W) of logit ``target``; with ``return_sink`` also the sink (N,) or (N,E)."""
+    with _grad(differentiable):
+        spec, x = _prepare(adapter, x, dtype)
+        srd = ViTSRD(spec, x)
+        t = _targets(target, x.shape[0], srd.trace.logits.shape[1], x.device)
+        R, node = srd.class_relevance(t, contrast)
+        maps, sink = srd.to_pixels(srd.down(R[:, None], node))
+        return _ret(maps[:, 0], sink[:, 0], return_sink)
+
+
+def vit_srd_relevance(adapter, x: Tensor, target, layers, contrast: str = "mean", return_sink=False,
+                      dtype: torch.dtype | None = None):
+    """Patch-token relevance {str(layer): (N,h,w)} at the output of each block in ``layers`` (keys as given,
+    like the CNN engine). With ``return_sink`` returns (dict, {str(layer): (N,E) prefix-token relevance}).
+    """
+    idx = {str(lay): adapter.block_index(lay) for lay in layers}
+    with torch.no_grad():
+        spec, x = _prepare(adapter, x, dtype)
+        srd = ViTSRD(spec, x)
+        t = _targets(target, x.shape[0], srd.trace.logits.shape[1], x.device)
+        R, node = srd.class_relevance(t, contrast)
+        E, (h, w) = spec.n_prefix, spec.grid
+        by_node = {}
+        L = len(spec.blocks)
+        if node < L:  # class-token head: the final stream holds the whole logit on the class token
+            top = torch.zeros_like(R)
+            top[:, 0] = srd.trace.logits.gather(1, t[:, None])[:, 0]
+            by_node[L] = top
+        by_node[node] = R
+        for k in range(node - 1, 0, -1):
+            R = (R[:, None] @ srd.M[k])[:, 0]
+            by_node[k] = R
+        out = {name: by_node[i + 1][:, E:].reshape(-1, h, w) for name, i in idx.items()}
+        sinks = {name: by_node[i + 1][:, :E] for name, i in idx.items()}
+    return (out, sinks) if return_sink else out
+
+
+def vit_srd_ierf_from_relevance(adapter, x: Tensor, layer, relevance: Tensor, return_sink=False,
+                                differentiable: bool = False, dtype: torch.dtype | None = None):
+    """Pixel maps (N,S,H,W) of relevance at the output of block ``layer``: (N,S,h,w) on the patch grid or
+    (N,S,T) over all tokens (prefix first). Sink (N,S) or, with ``return_sink="tokens"``, (N,S,E)."""
+    li = adapter.block_index(layer)
+    with _grad(differentiable):
+        spec, x = _prepare(adapter, x, dtype)
+        N, E, (h, w) = x.shape[0], spec.n_prefix, spec.grid
+        T = E + h * w
+        rel = relevance.to(device=x.device, dtype=x.dtype)
+        if rel.ndim == 4 and rel.shape[0] == N and rel.shape[2:] == (h, w):
+            rel = torch.cat([rel.new_zeros(N, rel.shape[1], E), rel.flatten(2)], 2)
+        elif not (rel.ndim == 3 and rel.shape[0] == N and rel.shape[2] == T):
+            raise MismatchError(f"relevance must be (N,S,{h},{w}) or (N,S,{T}) for N={N}, got "
+                                f"{tuple(relevance.shape)}")
+        if not torch.isfinite(rel).all():
+            raise NonFiniteError("relevance contains NaN or inf")
+        srd = ViTSRD(spec, x, upto=li)
+        maps, sink = srd.to_pixels(srd.down(rel, li + 1))
+        return _ret(maps, sink, return_sink)
+
+
+def vit_srd_ierf(adapter, x: Tensor, layer, position, return_sink=False, differentiable: bool = False,
+                 dtype: torch.dtype | None = None):
+    """iERF (N,H,W) of the token at ``position`` in the output of block ``layer``; maps + sink sum to 1."""
+    li = adapter.block_index(layer)
+    with _grad(differentiable):
+        spec, x = _prepare(adapter, x, dtype)
+        N, T = x.shape[0], spec.n_prefix + spec.grid[0] * spec.grid[1]
+        tok = _token_index(spec, position, N, x.device)
+        seed = torch.nn.functional.one_hot(tok, T).to(x.dtype)[:, None]
+        srd = ViTSRD(spec, x, upto=li)
+        maps, sink = srd.to_pixels(srd.down(seed, li + 1))
+        return _ret(maps[:, 0], sink[:, 0], return_sink)
+
+
+def vit_apop_forward(adapter, x: Tensor, x_prime: Tensor | None = None,
+                     dtype: torch.dtype | None = None) -> Tensor:
+    """Logits of ``x_prime`` (default zeros) with x's attention probabilities, LayerNorm σ and activation
+    gates act(z)/z frozen (LayerNorm centring kept as a projection); ``x_prime = x`` gives model(x).
+    Affine in ``x_prime``; differentiable with respect to ``x_prime`` only."""
+    spec, x = _prepare(adapter, x, dtype)
+    xp = torch.zeros_like(x) if x_prime is None else x_prime.to(device=x.device, dtype=x.dtype)
+    if xp.shape != x.shape:
+        raise MismatchError(f"x_prime {tuple(xp.shape)} must have the shape of x {tuple(x.shape)}")
+    with torch.no_grad():  # the pattern of x is a constant: gradients flow to x_prime only
+        frozen = run(spec, x, record=True).frozen
+    return run(spec, xp, frozen=frozen).logits
