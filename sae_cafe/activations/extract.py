@@ -1,0 +1,470 @@
+"""Activation extraction: run a model over images, collect PFVs at one or more layers in one forward pass,
+stream them to sharded safetensors (see :mod:`.shards`) with provenance, resumably.
+
+Written by hand: sae-lens caches language-model activations only; vision PFV layouts, provenance and
+resumable sharding are ours.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+import warnings
+from collections.abc import Iterable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from ..artifacts import MANIFEST, hash_json, is_finished, stage_path, write_manifest
+from ..errors import ArtifactError, ImageReadError, SaeCafeError
+from ..images import SkipReport, iter_image_files, iter_images
+from ..models import ModelAdapter, get_adapter
+from .shards import CANONICAL_DTYPE, IMAGES_FILE, ShardReader, ShardWriter, parse_dtype, write_progress
+
+PROGRESS = "progress.json"
+
+
+@dataclass
+class ExtractConfig:
+    """What is extracted and how (recorded in every layer's manifest).
+
+    ``positions_per_image``: keep k PFVs per image (None: all); ``sampling``: ``"uniform"`` or ``"logit"``
+    (weighted by the position's contribution to the predicted logit). ``include_cls``: also store ViT
+    class/register tokens (row = -1).
+    """
+
+    layers: list[str] = field(default_factory=list)
+    dtype: str = "float32"
+    shard_size: int = 65536
+    batch_size: int = 32
+    include_cls: bool = False
+    positions_per_image: int | None = None
+    sampling: str = "uniform"
+    seed: int = 0
+    skip_bad: bool = False
+
+
+# ----- image sources ---------------------------------------------------------------------------------------
+class ImageSource:
+    """Batches ``(ids, x (B,3,H,W), next_item)`` from any image source, starting at source item ``start``.
+
+    ``next_item`` is the source position after the batch (what a resumed run skips to).
+    """
+
+    def __init__(self, images: Any, adapter: ModelAdapter, batch_size: int, skip_bad: bool,
+                 report: SkipReport):
+        self.adapter, self.batch_size, self.skip_bad, self.report = adapter, batch_size, skip_bad, report
+        self.items: Sequence | None = None
+        self.base: Path | None = None
+        self.tensor: torch.Tensor | None = None
+        self.iterable: Iterable | None = None
+        self.description = type(images).__name__
+        self.fingerprint: str | None = None
+        if isinstance(images, (str, Path)):
+            p = Path(images)
+            if p.is_dir():
+                self.items = [q for q, _ in iter_image_files(p)]
+                self.base = p
+            elif p.exists():
+                self.items, self.base = [p], p.parent
+            else:
+                raise ImageReadError(f"{p}: no such file or folder of images")
+            self.description = str(p)
+            self.fingerprint = hash_json([[str(q.relative_to(self.base)), q.stat().st_size] for q in self.items])
+        elif isinstance(images, torch.Tensor):
+            if images.ndim == 3:
+                images = images[None]
+            self.tensor = images
+            self.description = f"tensor{tuple(images.shape)}"
+            flat = images.detach().float().flatten()
+            self.fingerprint = hash_json([list(images.shape), float(flat[:: max(1, flat.numel() // 4096)].sum())])
+        elif isinstance(images, (list, tuple)):
+            self.items = images
+            self.description = f"list[{len(images)}]"
+            if all(isinstance(i, (str, Path)) for i in images):
+                self.fingerprint = hash_json([str(i) for i in images])
+        else:
+            self.iterable = images
+        self.total = (len(self.items) if self.items is not None
+                      else self.tensor.shape[0] if self.tensor is not None else None)
+
+    def batches(self, start: int = 0) -> Iterator[tuple[list[str], torch.Tensor, int]]:
+        bs = self.batch_size
+        if self.tensor is not None:
+            for a in range(start, self.tensor.shape[0], bs):
+                x = self.adapter.preprocess(self.tensor[a:a + bs])
+                b = x.shape[0]
+                yield [f"image_{a + i:06d}" for i in range(b)], x.to(self.adapter.device), a + b
+            return
+        if self.items is not None:
+            for a in range(start, len(self.items), bs):
+                chunk = list(self.items[a:a + bs])
+                ids, pils = [], []
+                local = SkipReport()
+                for name, img in iter_images(chunk, skip_bad=self.skip_bad, report=local):
+                    ids.append(self._name(name, a, chunk))
+                    pils.append(img)
+                for n, r in local.skipped:
+                    self.report.add(self._name(n, a, chunk), r)
+                if pils:
+                    yield ids, self.adapter.preprocess(pils).to(self.adapter.device), a + len(chunk)
+                else:
+                    yield [], torch.empty(0), a + len(chunk)
+            return
+        yield from self._iter_generic(start)
+
+    def _name(self, name: str, offset: int, chunk: Sequence) -> str:
+        if self.base is not None:
+            return str(Path(name).relative_to(self.base))
+        if name.startswith("image_") and name[6:].isdigit() and not any(isinstance(c, (str, Path))
+                                                                        for c in chunk):
+            return f"image_{offset + int(name[6:]):06d}"
+        return name
+
+    def _iter_generic(self, start: int) -> Iterator[tuple[list[str], torch.Tensor, int]]:
+        """Any iterable of images or of (N,3,H,W) tensor batches (also ``(x, y)`` pairs from a DataLoader)."""
+        pos = 0
+        pending: list = []
+        pending_pos = 0
+        for el in self.iterable:
+            if isinstance(el, (tuple, list)) and el and isinstance(el[0], torch.Tensor) and el[0].ndim == 4:
+                el = el[0]
+            if isinstance(el, torch.Tensor) and el.ndim == 4:
+                b = el.shape[0]
+                if pos + b <= start:
+                    pos += b
+                    continue
+                skip = max(0, start - pos)
+                x = self.adapter.preprocess(el[skip:]).to(self.adapter.device)
+                yield [f"image_{pos + skip + i:06d}" for i in range(b - skip)], x, pos + b
+                pos += b
+                continue
+            if pos < start:
+                pos += 1
+                continue
+            if not pending:
+                pending_pos = pos
+            pending.append(el)
+            pos += 1
+            if len(pending) == self.batch_size:
+                yield self._generic_batch(pending, pending_pos)
+                pending = []
+        if pending:
+            yield self._generic_batch(pending, pending_pos)
+
+    def _generic_batch(self, items: list, first: int) -> tuple[list[str], torch.Tensor, int]:
+        ids, pils = [], []
+        local = SkipReport()
+        for name, img in iter_images(items, skip_bad=self.skip_bad, report=local):
+            ids.append(self._name(name, first, items))
+            pils.append(img)
+        for n, r in local.skipped:
+            self.report.add(self._name(n, first, items), r)
+        x = self.adapter.preprocess(pils).to(self.adapter.device) if pils else torch.empty(0)
+        return ids, x, first + len(items)
+
+
+# ----- position selection ------------------------------------------------------------------------------------
+def _logit_relevance(adapter: ModelAdapter, x: torch.Tensor, layers: list[str]) -> tuple[
+        dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Relevance of each PFV position for the predicted logit: ``{layer: (B, N)}`` plus the activations.
+
+    Uses SRD (``sae_cafe.srd.srd_relevance``) when present, else gradient × activation summed over channels.
+    """
+    with torch.no_grad():
+        acts = adapter.capture(x, layers)
+    try:
+        from ..srd import srd_relevance  # noqa: PLC0415 - optional, written in parallel
+    except ImportError:
+        srd_relevance = None
+    if srd_relevance is not None:
+        with torch.no_grad():
+            target = adapter.model(x).argmax(-1)
+        try:
+            rel = srd_relevance(adapter, x, target, layers)
+            return {n: rel[n].flatten(1).detach().float() for n in layers}, acts
+        except SaeCafeError as e:  # e.g. a module SRD has no rule for
+            warnings.warn(f"SRD relevance unavailable ({e}); using gradient × activation", stacklevel=2)
+    held: dict[str, torch.Tensor] = {}
+
+    def keep(n: str):
+        def hook(_m, _i, out):
+            out.retain_grad()
+            held[n] = out
+        return hook
+
+    with torch.enable_grad(), adapter.hooks({n: keep(n) for n in layers}):
+        xg = x.detach().requires_grad_(True)
+        logits = adapter.model(xg)
+        target = logits.argmax(-1)
+        logits.gather(1, target[:, None]).sum().backward()
+    out = {}
+    for n in layers:
+        a = held[n]
+        ga = (a * a.grad).detach()
+        if a.ndim == 4:  # (B, C, h, w)
+            out[n] = ga.sum(1).flatten(1)
+        else:  # tokens (B, T, D): patch tokens only
+            out[n] = adapter.to_pfv(ga).pfv.sum(-1)
+    adapter.model.zero_grad(set_to_none=True)
+    return out, acts
+
+
+def _select(n_img: int, n_pos: int, k: int | None, seed: int, first_image: int,
+            weights: torch.Tensor | None) -> list[torch.Tensor] | None:
+    """Per image, the sorted position indices to keep (None: keep all). Deterministic per image index."""
+    if k is None or k >= n_pos:
+        return None
+    out = []
+    for i in range(n_img):
+        g = torch.Generator().manual_seed(seed * 1_000_003 + first_image + i)
+        if weights is None:
+            idx = torch.randperm(n_pos, generator=g)[:k]
+        else:
+            w = weights[i].clamp(min=0).double().cpu()
+            w = w + (w.sum() * 1e-6 if w.sum() > 0 else 1.0)  # every position keeps a small chance
+            idx = torch.multinomial(w, k, replacement=False, generator=g)
+        out.append(idx.sort().values)
+    return out
+
+
+# ----- main entry point -------------------------------------------------------------------------------------
+def _layer_dir_name(layer: str) -> str:
+    return layer.replace("/", "_")
+
+
+def _tmp_of(final: Path) -> Path:
+    return final.with_name(f".{final.name}.tmp")
+
+
+def publish_stage(tmp: Path, final: Path) -> None:
+    """Rename a finished stage into place (like :func:`sae_cafe.artifacts.stage_dir`)."""
+    if not (tmp / MANIFEST).exists():
+        raise ArtifactError(f"stage written to {tmp} has no {MANIFEST}; not publishing it")
+    if final.exists():
+        old = final.with_name(f".{final.name}.old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.replace(final, old)
+        os.replace(tmp, final)
+        shutil.rmtree(old)
+    else:
+        os.replace(tmp, final)
+
+
+def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, layers: str | Sequence[str],
+                        run: str = "default", root: str | Path | None = None, dtype: str = "float32",
+                        shard_size: int = 65536, batch_size: int = 32, include_cls: bool = False,
+                        positions_per_image: int | None = None, sampling: str = "uniform", seed: int = 0,
+                        skip_bad: bool = False, overwrite: bool = False, dataset: str | None = None,
+                        out_dirs: dict[str, str | Path] | None = None, progress: bool = True,
+                        ) -> dict[str, Path]:
+    """Extract PFVs of ``layers`` over ``images`` into ``<root>/<run>/acts/<model>/<layer>/``.
+
+    Args:
+        model: adapter or ``nn.Module`` as constructed.
+        images: folder (flat/ImageFolder), file, list of paths/PIL/arrays, a preprocessed (N,3,H,W) tensor,
+            or an iterable of images or of (N,3,H,W) batches.
+        layers: one layer id or several (captured in the same forward pass).
+        dtype: shard dtype (``float32``, ``float16``, ``bfloat16``).
+        shard_size: PFV rows per shard. Memory stays at about one shard plus one batch per layer.
+        positions_per_image / sampling: keep k positions per image, ``"uniform"`` or ``"logit"``-weighted.
+        overwrite: re-extract a finished stage (otherwise a finished stage with the same config is kept).
+        out_dirs: explicit output directory per layer (default: the run layout).
+
+    Returns ``{layer: finished stage directory}``. An interrupted run resumes from its temporary stage
+    directory (finished shards are kept; nothing is lost or duplicated).
+    """
+    adapter = get_adapter(model)
+    names = [adapter.resolve_layer(n) for n in ([layers] if isinstance(layers, (str, int)) else layers)]
+    names = list(dict.fromkeys(names))
+    if not names:
+        raise SaeCafeError("no layers given; pass at least one layer id (see the adapter's .layers())")
+    if sampling not in ("uniform", "logit"):
+        raise SaeCafeError(f"unknown sampling {sampling!r}; use 'uniform' or 'logit'")
+    if positions_per_image is not None and positions_per_image < 1:
+        raise SaeCafeError(f"positions_per_image must be ≥ 1, got {positions_per_image}")
+    cfg = ExtractConfig(names, CANONICAL_DTYPE[parse_dtype(dtype)], int(shard_size), int(batch_size),
+                        bool(include_cls), positions_per_image, sampling, int(seed), bool(skip_bad))
+    report = SkipReport()
+    source = ImageSource(images, adapter, cfg.batch_size, cfg.skip_bad, report)
+    infos = adapter.layers()
+    finals = {n: Path(out_dirs[n]) if out_dirs and n in out_dirs
+              else stage_path(run, "acts", adapter.name, _layer_dir_name(n), root=root) for n in names}
+    preprocessing = {"input_size": list(adapter.input_size), "mean": list(adapter.mean),
+                     "std": list(adapter.std), "resize": adapter.resize}
+    dataset_info = {"name": dataset or source.description, "source": source.description,
+                    "fingerprint": source.fingerprint}
+
+    def layer_key(n: str) -> str:
+        c = dataclasses.replace(cfg, layers=[n])
+        return hash_json({"config": c, "model": adapter.name, "weights_hash": adapter.weights_hash,
+                          "dataset": dataset_info, "preprocessing": preprocessing})
+
+    keys = {n: layer_key(n) for n in names}
+    todo = []
+    for n in names:
+        if not overwrite and is_finished(finals[n]):
+            if ShardReader(finals[n]).manifest.get("extract_key") == keys[n]:
+                continue
+            raise ArtifactError(f"{finals[n]} already holds activations extracted with other settings; pass "
+                                "overwrite=True (CLI: --overwrite) or choose another --run")
+        todo.append(n)
+    if not todo:
+        return finals
+
+    # --- open or resume each layer's temporary stage ---
+    writers: dict[str, ShardWriter] = {}
+    for n in todo:
+        tmp = _tmp_of(finals[n])
+        prog = None
+        if tmp.exists() and (tmp / PROGRESS).exists():
+            try:
+                prog = json.loads((tmp / PROGRESS).read_text())
+            except json.JSONDecodeError:
+                prog = None
+            if prog is not None and prog.get("key") != keys[n]:
+                warnings.warn(f"{tmp}: partial extraction with other settings; starting over", stacklevel=2)
+                prog = None
+        if prog is None and tmp.exists():
+            shutil.rmtree(tmp)
+        tmp.mkdir(parents=True, exist_ok=True)
+        if prog is not None:
+            for f in tmp.glob("shard_*.safetensors"):  # shards written after the last progress record
+                if f.name not in {s["file"] for s in prog["shards"]}:
+                    f.unlink()
+        d_in = infos[n].channels
+        writers[n] = ShardWriter(tmp, d_in, cfg.dtype, cfg.shard_size, prog["shards"] if prog else ())
+    start_img = min(w.images_done for w in writers.values())
+    start_item = min((w.shards[-1].get("next_item", 0) if w.shards else 0) for w in writers.values())
+    ids_all: list[str] = []
+    first_tmp = _tmp_of(finals[todo[0]])
+    if start_img and (first_tmp / IMAGES_FILE).exists():
+        ids_all = (first_tmp / IMAGES_FILE).read_text().splitlines()[:start_img]
+    if len(ids_all) != start_img:  # image list lost: restart cleanly
+        warnings.warn("image id list of the partial extraction is incomplete; starting over", stacklevel=2)
+        for n in todo:
+            for f in _tmp_of(finals[n]).glob("shard_*.safetensors"):
+                f.unlink()
+            writers[n] = ShardWriter(_tmp_of(finals[n]), infos[n].channels, cfg.dtype, cfg.shard_size)
+        start_img = start_item = 0
+        ids_all = []
+    ids_fd = {n: open(_tmp_of(finals[n]) / IMAGES_FILE, "w") for n in todo}  # noqa: SIM115
+    for fd in ids_fd.values():
+        fd.write("".join(i + "\n" for i in ids_all))
+        fd.flush()
+
+    need_grad = cfg.positions_per_image is not None and cfg.sampling == "logit"
+    n_img = start_img
+    bar = tqdm(total=source.total, initial=start_item, desc=f"extract {adapter.name}", unit="img",
+               disable=not progress)
+    try:
+        for ids, x, next_item in source.batches(start_item):
+            bar.update(next_item - bar.n)
+            if not ids:
+                continue
+            b = len(ids)
+            for fd in ids_fd.values():
+                fd.write("".join(i + "\n" for i in ids))
+            if need_grad:
+                weights, acts = _logit_relevance(adapter, x, todo)
+            else:
+                weights = None
+                with torch.no_grad():
+                    acts = adapter.capture(x, todo, stop_early=True)
+            for n in todo:
+                w = writers[n]
+                if n_img + b <= w.images_done:
+                    continue  # this layer already has these images (resume)
+                rows, img_idx, pos = _rows(adapter, acts[n], n_img, cfg, weights[n] if weights else None)
+                keep = img_idx >= w.images_done
+                if not keep.all():
+                    rows, img_idx, pos = rows[keep], img_idx[keep], pos[keep]
+                if w.add(rows, img_idx, pos, images_end=n_img + b, next_item=next_item):
+                    _save_progress(w, keys[n], ids_fd[n], n_img + b)
+            n_img += b
+        for n in todo:
+            writers[n].flush(images_end=n_img, next_item=source.total if source.total is not None else -1)
+            _save_progress(writers[n], keys[n], ids_fd[n], n_img)
+    finally:
+        bar.close()
+        for fd in ids_fd.values():
+            fd.close()
+    if n_img == 0:
+        raise ImageReadError(f"no readable images in {source.description}" + (
+            f"\n{report.summary()}" if report.skipped else ""))
+    if report.skipped:
+        warnings.warn(report.summary(), stacklevel=2)
+
+    for n in todo:
+        tmp, w, info = _tmp_of(finals[n]), writers[n], infos[n]
+        (tmp / PROGRESS).unlink(missing_ok=True)
+        write_manifest(
+            tmp, "acts", dataclasses.replace(cfg, layers=[n]), upstream=_upstream(source),
+            model=adapter.name, family=adapter.family, weights_hash=adapter.weights_hash, layer=n,
+            d_in=info.channels, grid=list(info.grid), layer_kind=info.kind,
+            pfv_layout={"rows": "positions of the layer grid, row-major per image" +
+                        ("; prefix (class/register) tokens with row=-1, col=token index" if cfg.include_cls
+                         else ""),
+                        "pos": "(row, col)", "image": "index into images.txt",
+                        "num_prefix_tokens": getattr(adapter, "num_prefix_tokens", 0)},
+            preprocessing=preprocessing, dataset=dataset_info, dtype=cfg.dtype, shards=w.shards,
+            counts={"n": w.n_written, "n_images": n_img, "n_shards": len(w.shards),
+                    "skipped_images": len(report.skipped)},
+            skipped=report.skipped[:1000], extract_key=keys[n])
+        publish_stage(tmp, finals[n])
+    return finals
+
+
+def _upstream(source: ImageSource) -> dict[str, Path] | None:
+    """The stage that holds the images (e.g. ``indexes/<run>/world``), if the source lies inside one."""
+    if source.base is None:
+        return None
+    for d in (source.base, *list(source.base.parents)[:3]):
+        if (d / MANIFEST).exists():
+            return {"images": d}
+    return None
+
+
+def _rows(adapter: ModelAdapter, act: torch.Tensor, first_image: int, cfg: ExtractConfig,
+          weights_BN: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer output → ``(rows (n, D), image (n,), pos (n, 2))`` for the images of one batch."""
+    batch = adapter.to_pfv(act.detach())
+    pfv, positions = batch.pfv, batch.positions.cpu()
+    B, N, D = pfv.shape
+    sel = _select(B, N, cfg.positions_per_image, cfg.seed, first_image, weights_BN)
+    extra = batch.extra if cfg.include_cls and batch.extra is not None and batch.extra.shape[1] else None
+    E = extra.shape[1] if extra is not None else 0
+    if sel is None and extra is None:
+        rows = pfv.reshape(B * N, D)
+        img = torch.arange(first_image, first_image + B).repeat_interleave(N)
+        pos = positions.repeat(B, 1)
+        return rows, img, pos
+    parts, imgs, poss = [], [], []
+    extra_pos = torch.stack([torch.full((E,), -1), torch.arange(E)], 1) if E else None
+    for i in range(B):
+        if E:
+            parts.append(extra[i])
+            poss.append(extra_pos)
+            imgs.append(torch.full((E,), first_image + i))
+        idx = sel[i] if sel is not None else torch.arange(N)
+        parts.append(pfv[i, idx.to(pfv.device)])
+        poss.append(positions[idx])
+        imgs.append(torch.full((idx.numel(),), first_image + i))
+    return torch.cat(parts), torch.cat(imgs), torch.cat(poss)
+
+
+def _save_progress(w: ShardWriter, key: str, ids_fd: Any, images_end: int) -> None:
+    ids_fd.flush()
+    write_progress(w.directory, {"key": key, "shards": w.shards, "images_end": images_end})
+
+
+def dataset_hash(reader: ShardReader) -> str:
+    """sha256 over the image ids of an acts stage (identifies the dataset)."""
+    return hashlib.sha256("\n".join(reader.image_ids).encode()).hexdigest()

@@ -1,0 +1,140 @@
+"""``sae-cafe train-sae`` and ``sae-cafe eval-sae`` (flags or a TOML config)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import warnings
+from pathlib import Path
+from typing import Any
+
+from sae_cafe.errors import SaeCafeError
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    from .train import ARCHITECTURES
+
+    p = subparsers.add_parser("train-sae", help="train an SAE on activation shards (sae-lens)",
+                              description="Train an SAE with sae-lens on indexes/<run>/acts/<model>/<layer> and "
+                                          "save it to indexes/<run>/saes/<model>/<layer> (cfg.json + "
+                                          "sae_weights.safetensors), then evaluate it as reloaded from disk.")
+    p.add_argument("--acts", default=None, help="acts stage directory (or --run/--model/--layer)")
+    p.add_argument("--run", default="default")
+    p.add_argument("--root", default=None)
+    p.add_argument("--model", default=None, help="model name (to find the acts, and for the spliced eval)")
+    p.add_argument("--layer", default=None)
+    p.add_argument("--weights", default=None, help="model weights for the spliced-in evaluation")
+    p.add_argument("--config", default=None, help="TOML file with SAETrainConfig keys (flags override it)")
+    p.add_argument("--out", default=None, help="output directory (default: the run layout)")
+    p.add_argument("--architecture", choices=ARCHITECTURES, default=None)
+    p.add_argument("--expansion", type=int, default=None)
+    p.add_argument("--d-sae", type=int, default=None)
+    p.add_argument("--k", type=float, default=None)
+    p.add_argument("--l1-coefficient", type=float, default=None)
+    p.add_argument("--steps", type=int, default=None)
+    p.add_argument("--seconds", type=float, default=None)
+    p.add_argument("--batch-size", type=int, default=None)
+    p.add_argument("--lr", type=float, default=None)
+    p.add_argument("--holdout", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+    p.add_argument("--device", default=None)
+    p.add_argument("--eval-images", default=None, help="held-out images for accuracy/KL with the SAE spliced in")
+    p.add_argument("--no-resume", action="store_true", help="ignore checkpoints of an interrupted run")
+    p.set_defaults(func=_train)
+
+    e = subparsers.add_parser("eval-sae", help="evaluate an SAE (any sae-lens SAE directory)")
+    e.add_argument("--sae", required=True, help="SAE directory (cfg.json + sae_weights.safetensors)")
+    e.add_argument("--model", default=None)
+    e.add_argument("--weights", default=None)
+    e.add_argument("--images", default=None, help="held-out images (needs --model)")
+    e.add_argument("--acts", default=None, help="held-out acts stage (alternative to --images)")
+    e.add_argument("--max-pfvs", type=int, default=1_000_000)
+    e.add_argument("--out", default=None)
+    e.set_defaults(func=_eval)
+
+
+def load_toml(path: str | Path) -> dict[str, Any]:
+    try:
+        import tomllib
+    except ImportError:  # pragma: no cover - Python 3.10
+        import tomli as tomllib
+    with open(path, "rb") as fd:
+        data = tomllib.load(fd)
+    return data.get("sae", data)
+
+
+def config_from_args(args: argparse.Namespace):
+    from .train import SAETrainConfig
+
+    values: dict[str, Any] = load_toml(args.config) if args.config else {}
+    names = {f.name for f in dataclasses.fields(SAETrainConfig)}
+    unknown = set(values) - names
+    if unknown:
+        raise SaeCafeError(f"{args.config}: unknown keys {sorted(unknown)}; valid keys: {sorted(names)}")
+    for f in names:
+        v = getattr(args, f, None)
+        if v is not None:
+            values[f] = v
+    return SAETrainConfig(**values)
+
+
+def _acts_dir(args: argparse.Namespace) -> Path:
+    if args.acts:
+        return Path(args.acts)
+    if not (args.model and args.layer):
+        raise SaeCafeError("give --acts DIR, or --model and --layer (with --run) to locate the activation shards")
+    from sae_cafe.artifacts import stage_path
+    from sae_cafe.models import load_model
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        layer = load_model(args.model).resolve_layer(args.layer)
+    return stage_path(args.run, "acts", args.model, layer.replace("/", "_"), root=args.root)
+
+
+def _table(title: str, rows: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=title)
+    t.add_column("metric")
+    t.add_column("value", justify="right")
+    for k, v in rows.items():
+        if isinstance(v, (dict, list)) or v is None:
+            continue
+        t.add_row(k, f"{v:.4g}" if isinstance(v, float) else str(v))
+    Console().print(t)
+
+
+def _train(args: argparse.Namespace) -> int:
+    from .train import train_sae
+
+    cfg = config_from_args(args)
+    acts = _acts_dir(args)
+    model = None
+    if args.eval_images:
+        from sae_cafe.activations import ShardReader
+        from sae_cafe.models import load_model
+
+        model = load_model(args.model or ShardReader(acts).model, weights=args.weights)
+    res = train_sae(acts, args.out, config=cfg, model=model, eval_images=args.eval_images,
+                    resume=not args.no_resume)
+    tr = res["training"]
+    _table(f"SAE {tr['architecture']} d_sae={tr['d_sae']} → {res['sae_dir']}",
+           {"steps": tr["steps"], "train seconds": tr["train_seconds"],
+            "samples/s": tr["samples_per_second"], **res.get("eval", {})})
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from sae_cafe.models import load_model
+
+    from .evaluate import evaluate_sae
+
+    model = load_model(args.model, weights=args.weights) if args.model else None
+    if args.images and model is None:
+        raise SaeCafeError("--images needs --model (the model to run the images through)")
+    res = evaluate_sae(args.sae, acts=args.acts, model=model, images=args.images, max_pfvs=args.max_pfvs,
+                       out_dir=args.out)
+    _table(f"SAE at {args.sae}", res)
+    return 0

@@ -1,0 +1,115 @@
+"""Shuffling data provider over activation shards for sae-lens's ``SAETrainer`` (an infinite iterator of
+``(batch, d_in)`` tensors).
+
+Written by hand: sae-lens's ``ActivationsStore`` reads language-model token caches; this one mixes our
+PFV shards. Memory is bounded by ``buffer_rows`` whatever the dataset size.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from pathlib import Path
+
+import torch
+
+from sae_cafe.activations import ShardReader
+from sae_cafe.errors import SaeCafeError
+
+
+def holdout_split(n_images: int, holdout: float) -> tuple[tuple[int, int], tuple[int, int]]:
+    """Image-index ranges ``(train, held_out)``: the last ``holdout`` fraction of images is held out."""
+    if not 0.0 <= holdout < 1.0:
+        raise SaeCafeError(f"holdout must be in [0, 1), got {holdout}")
+    cut = n_images - int(round(n_images * holdout))
+    if holdout > 0 and cut == n_images and n_images > 1:
+        cut = n_images - 1
+    return (0, cut), (cut, n_images)
+
+
+class ShardDataProvider:
+    """Infinite shuffled batches of PFVs from an ``acts`` stage.
+
+    Shards are read in a random order each epoch into a mixing buffer of ``buffer_rows`` rows; the buffer is
+    shuffled and half of it is served as batches before it is refilled (as sae-lens's mixing buffer does).
+
+    Args:
+        acts: an acts stage directory or a :class:`ShardReader`.
+        batch_size: rows per batch.
+        image_range: only PFVs of images with index in ``[lo, hi)`` (hold-out split).
+        buffer_rows: mixing-buffer size (default: about 256 MB of fp32, at least 8 batches).
+        dtype, device: of the served batches.
+    """
+
+    def __init__(self, acts: str | Path | ShardReader, batch_size: int = 4096,
+                 image_range: tuple[int, int] | None = None, buffer_rows: int | None = None, seed: int = 0,
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+        self.reader = acts if isinstance(acts, ShardReader) else ShardReader(acts)
+        self.batch_size = int(batch_size)
+        self.image_range = image_range
+        d = self.reader.d_in
+        self.shard_ids = [i for i, s in enumerate(self.reader.shards) if self._shard_in_range(s)]
+        available = sum(int(self.reader.shards[i]["n"]) for i in self.shard_ids)  # upper bound in range
+        if buffer_rows is None:
+            buffer_rows = min(max(8 * batch_size, min(2 ** 20, (256 << 20) // (4 * d))), available)
+        self.buffer_rows = max(int(buffer_rows), 2 * self.batch_size)
+        self.dtype, self.device = dtype, torch.device(device)
+        self.gen = torch.Generator().manual_seed(seed)
+        if not self.shard_ids:
+            raise SaeCafeError(f"no activation shards in image range {image_range} at {self.reader.directory}")
+        self.epoch = 0
+        self._order: list[int] = []
+        self._buf = torch.empty(0, d, dtype=dtype)
+        self._iter = self._batches()
+
+    def _shard_in_range(self, s: dict) -> bool:
+        if self.image_range is None:
+            return True
+        lo, hi = self.image_range
+        return s["last_image"] >= lo and s["first_image"] < hi
+
+    def n_rows(self) -> int:
+        """PFV rows available in the image range (reads the shards' image columns)."""
+        if self.image_range is None:
+            return self.reader.n
+        return sum(int(self._mask(self.reader.load_shard(i)["image"]).sum()) for i in self.shard_ids)
+
+    def _mask(self, image: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.image_range
+        return (image >= lo) & (image < hi)
+
+    def _next_shard(self) -> torch.Tensor:
+        if not self._order:
+            perm = torch.randperm(len(self.shard_ids), generator=self.gen).tolist()
+            self._order = [self.shard_ids[i] for i in perm]
+            self.epoch += 1
+        sh = self.reader.load_shard(self._order.pop())
+        acts = sh["acts"]
+        if self.image_range is not None:
+            m = self._mask(sh["image"])
+            if not m.all():
+                acts = acts[m]
+        return acts.to(self.dtype)
+
+    def _batches(self) -> Iterator[torch.Tensor]:
+        bs = self.batch_size
+        while True:
+            parts = [self._buf]
+            rows = self._buf.shape[0]
+            while rows < self.buffer_rows:
+                a = self._next_shard()
+                parts.append(a)
+                rows += a.shape[0]
+                if self.epoch > 2 and rows == 0:
+                    raise SaeCafeError(f"no PFVs in image range {self.image_range} at {self.reader.directory}")
+            buf = torch.cat(parts)
+            buf = buf[torch.randperm(buf.shape[0], generator=self.gen)]
+            serve = max(bs, (buf.shape[0] // 2) // bs * bs)
+            for a in range(0, serve, bs):
+                yield buf[a:a + bs].to(self.device, non_blocking=True)
+            self._buf = buf[serve:]
+
+    def __iter__(self) -> ShardDataProvider:
+        return self
+
+    def __next__(self) -> torch.Tensor:
+        return next(self._iter)

@@ -1,0 +1,352 @@
+"""SAE training on activation shards through sae-lens (its architectures and ``SAETrainer``).
+
+The loop drives ``SAETrainer`` through its public seams (``step``, ``maybe_reset_sparsity``,
+``set_final_sae_metadata``) so that a time budget, resumable checkpoints (safetensors + JSON only, no
+pickles) and our progress display fit in; the optimisation itself is sae-lens's. The result is saved with
+sae-lens's ``save_inference_model`` so ``sae_lens.SAE.load_from_disk`` loads it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from tqdm.auto import tqdm
+
+from sae_cafe.activations import ShardReader
+from sae_cafe.activations.extract import dataset_hash, publish_stage
+from sae_cafe.artifacts import MANIFEST, atomic_write_json, hash_json, write_manifest
+from sae_cafe.errors import ArtifactError, SaeCafeError
+
+from .data import ShardDataProvider, holdout_split
+
+ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk")
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass
+class SAETrainConfig:
+    """Hyper-parameters of one SAE training run (CLI flags / TOML keys have the same names).
+
+    ``k``: active latents (topk/batchtopk/matryoshka; default min(32, d_in // 8)). ``l1_coefficient``:
+    standard SAE sparsity; ``l0_coefficient``: JumpReLU. ``steps``/``seconds``: budget (first reached
+    stops). ``holdout``: fraction of images (last ones) kept out of training for evaluation.
+    ``normalize``: sae-lens ``normalize_activations`` (folded into the weights on export).
+    ``lr``: default ``3e-3 · sqrt(384 / d_sae)`` clipped to [1e-4, 3e-3]. ``aux_loss_coefficient`` and a short
+    ``dead_feature_window`` (steps) drive sae-lens's dead-latent auxiliary loss (topk-family SAEs);
+    these defaults gave < 10 % dead latents on the concept-world mini models.
+    """
+
+    architecture: str = "batchtopk"
+    expansion: int = 8
+    d_sae: int | None = None
+    k: float | None = None
+    l1_coefficient: float = 5.0
+    l0_coefficient: float = 1.0
+    jumprelu_target_l0: float | None = None
+    matryoshka_widths: list[int] | None = None
+    steps: int | None = 2000
+    seconds: float | None = None
+    batch_size: int = 4096
+    lr: float | None = None
+    lr_warm_up_steps: int = 0
+    lr_decay_fraction: float = 0.2
+    normalize: str = "expected_average_only_in"
+    aux_loss_coefficient: float = 4.0
+    dead_feature_window: int = 50
+    feature_sampling_window: int = 500
+    n_checkpoints: int = 4
+    holdout: float = 0.1
+    buffer_rows: int | None = None
+    seed: int = 0
+    device: str = "cpu"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def _sae_lens_config(cfg: SAETrainConfig, d_in: int, metadata: dict[str, Any]):
+    import sae_lens
+    from sae_lens.saes.sae import SAEMetadata
+
+    arch = cfg.architecture
+    if arch not in ARCHITECTURES:
+        raise SaeCafeError(f"unknown SAE architecture {arch!r}; choose one of {', '.join(ARCHITECTURES)}")
+    d_sae = int(cfg.d_sae or cfg.expansion * d_in)
+    k = cfg.k if cfg.k is not None else max(1, min(32, d_in // 8))
+    common = dict(d_in=d_in, d_sae=d_sae, dtype="float32", device=cfg.device,
+                  normalize_activations=cfg.normalize, metadata=SAEMetadata(**metadata), **cfg.extra)
+    if arch == "standard":
+        return sae_lens.StandardTrainingSAEConfig(l1_coefficient=cfg.l1_coefficient, **common)
+    aux = {"aux_loss_coefficient": cfg.aux_loss_coefficient}
+    if arch == "topk":
+        return sae_lens.TopKTrainingSAEConfig(k=int(k), **aux, **common)
+    if arch == "batchtopk":
+        return sae_lens.BatchTopKTrainingSAEConfig(k=float(k), **aux, **common)
+    if arch == "jumprelu":
+        return sae_lens.JumpReLUTrainingSAEConfig(l0_coefficient=cfg.l0_coefficient,
+                                                  target_l0=cfg.jumprelu_target_l0, **common)
+    widths = cfg.matryoshka_widths or [d_sae // 8, d_sae // 4, d_sae // 2, d_sae]
+    return sae_lens.MatryoshkaBatchTopKTrainingSAEConfig(k=float(k), matryoshka_widths=list(widths), **aux,
+                                                         **common)
+
+
+def make_training_sae(cfg: SAETrainConfig, d_in: int, metadata: dict[str, Any] | None = None):
+    """A fresh sae-lens ``TrainingSAE`` of ``cfg.architecture``."""
+    from sae_lens.saes.sae import TrainingSAE
+
+    sl_cfg = _sae_lens_config(cfg, d_in, metadata or {})
+    cls = TrainingSAE.get_sae_class_for_architecture(sl_cfg.architecture())
+    torch.manual_seed(cfg.seed)
+    return cls(sl_cfg)
+
+
+def default_lr(d_sae: int) -> float:
+    """``3e-3 · sqrt(384 / d_sae)`` clipped to [1e-4, 3e-3] (tuned on the mini models; ∝ 1/sqrt(width))."""
+    return float(min(3e-3, max(1e-4, 3e-3 * (384 / d_sae) ** 0.5)))
+
+
+def make_trainer(sae, provider, cfg: SAETrainConfig, total_steps: int):
+    """sae-lens ``SAETrainer`` for ``total_steps`` steps (linear LR decay over the last fraction)."""
+    from sae_lens.config import SAETrainerConfig
+    from sae_lens.training.sae_trainer import SAETrainer
+
+    lr = cfg.lr if cfg.lr is not None else default_lr(sae.cfg.d_sae)
+    decay = int(total_steps * cfg.lr_decay_fraction) if cfg.steps is not None else 0
+    tcfg = SAETrainerConfig(
+        total_training_samples=total_steps * cfg.batch_size, train_batch_size_samples=cfg.batch_size,
+        lr=lr, lr_end=lr / 10, lr_warm_up_steps=cfg.lr_warm_up_steps, lr_decay_steps=decay, device=cfg.device,
+        dead_feature_window=cfg.dead_feature_window, feature_sampling_window=cfg.feature_sampling_window,
+        n_checkpoints=0, checkpoint_path=None, n_batches_for_norm_estimate=min(
+            100, max(10, 200_000 // cfg.batch_size)))
+    return SAETrainer(cfg=tcfg, sae=sae, data_provider=provider)
+
+
+# ----- checkpoints (safetensors + JSON; sae-lens's own trainer state is a torch pickle) -----------------------
+def save_checkpoint(trainer, path: Path, elapsed: float) -> None:
+    """SAE weights (sae-lens ``save_model``), optimiser/scheduler/sparsity state, scaler — no pickles."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    trainer.sae.save_model(str(tmp))
+    opt = trainer.optimizer.state_dict()
+    tensors = {"act_freq_scores": trainer.act_freq_scores.cpu(),
+               "n_forward_passes_since_fired": trainer.n_forward_passes_since_fired.cpu()}
+    for pid, st in opt["state"].items():
+        for key, v in st.items():
+            tensors[f"optim.{pid}.{key}"] = torch.as_tensor(v).cpu().contiguous()
+    save_file(tensors, str(tmp / "trainer_state.safetensors"))
+    state = {
+        "param_groups": opt["param_groups"], "lr_scheduler": trainer.lr_scheduler.state_dict(),
+        "n_training_samples": trainer.n_training_samples, "n_training_steps": trainer.n_training_steps,
+        "n_frac_active_samples": trainer.n_frac_active_samples,
+        "coefficient_schedulers": {n: s.state_dict() for n, s in trainer.coefficient_schedulers.items()},
+        "scaling_factor": trainer.activation_scaler.scaling_factor, "elapsed": elapsed,
+    }
+    atomic_write_json(tmp / "trainer_state.json", state)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+
+
+def load_checkpoint(trainer, path: Path) -> float:
+    """Restore what :func:`save_checkpoint` wrote into a freshly built trainer; returns elapsed seconds."""
+    trainer.sae.load_weights_from_checkpoint(path)
+    tensors = load_file(str(path / "trainer_state.safetensors"), device=str(trainer.sae.device))
+    state = json.loads((path / "trainer_state.json").read_text())
+    opt_state: dict[int, dict[str, torch.Tensor]] = {}
+    for key, v in tensors.items():
+        if key.startswith("optim."):
+            _, pid, name = key.split(".", 2)
+            opt_state.setdefault(int(pid), {})[name] = v.cpu() if name == "step" else v
+    trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
+    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
+    trainer.n_training_samples = state["n_training_samples"]
+    trainer.n_training_steps = state["n_training_steps"]
+    trainer.n_frac_active_samples = state["n_frac_active_samples"]
+    trainer.act_freq_scores = tensors["act_freq_scores"]
+    trainer.n_forward_passes_since_fired = tensors["n_forward_passes_since_fired"]
+    for n, s in state["coefficient_schedulers"].items():
+        trainer.coefficient_schedulers[n].load_state_dict(s)
+    trainer.activation_scaler.scaling_factor = state["scaling_factor"]
+    return float(state.get("elapsed", 0.0))
+
+
+def _latest_checkpoint(directory: Path) -> Path | None:
+    cks = [p for p in directory.glob("step_*") if (p / "trainer_state.json").exists()]
+    return max(cks, key=lambda p: int(p.name.split("_")[1])) if cks else None
+
+
+# ----- training ---------------------------------------------------------------------------------------------
+def default_sae_dir(acts_dir: Path) -> Path:
+    """``indexes/<run>/acts/<model>/<layer>`` → ``indexes/<run>/saes/<model>/<layer>``."""
+    acts_dir = Path(acts_dir)
+    if acts_dir.parent.parent.name != "acts":
+        raise SaeCafeError(f"{acts_dir} is not in the indexes/<run>/acts/<model>/<layer> layout; pass out_dir")
+    return acts_dir.parent.parent.parent / "saes" / acts_dir.parent.name / acts_dir.name
+
+
+def run_training(trainer, provider, cfg: SAETrainConfig, total_steps: int, ckpt_dir: Path | None,
+                 progress: bool = True, elapsed0: float = 0.0, log_every: int = 50) -> dict[str, Any]:
+    """Drive ``trainer`` until ``total_steps`` or ``cfg.seconds``; returns the loss history and timing."""
+    sae = trainer.sae
+    if sae.cfg.normalize_activations == "expected_average_only_in" and \
+            trainer.activation_scaler.scaling_factor is None:
+        trainer.activation_scaler.estimate_scaling_factor(
+            d_in=sae.cfg.d_in, data_provider=provider,
+            n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate)
+    elif sae.cfg.normalize_activations == "covariance_whitening" and trainer.activation_scaler.whitening is None:
+        trainer.activation_scaler.estimate_whitening(
+            d_in=sae.cfg.d_in, data_provider=provider,
+            n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate)
+    ck_every = max(1, total_steps // (cfg.n_checkpoints + 1)) if cfg.n_checkpoints and ckpt_dir else None
+    history: list[dict[str, float]] = []
+    start = time.perf_counter() - elapsed0
+    step0 = trainer.n_training_steps
+    bar = tqdm(total=total_steps, initial=step0, desc="train SAE", unit="step", disable=not progress)
+    try:
+        while trainer.n_training_steps < total_steps:
+            if cfg.seconds is not None and time.perf_counter() - start >= cfg.seconds:
+                break
+            trainer.maybe_reset_sparsity()
+            out = trainer.step(next(provider))
+            trainer.n_training_steps += 1
+            s = trainer.n_training_steps
+            if s % log_every == 0 or s == total_steps:
+                with torch.no_grad():
+                    x, xh = out.sae_in, out.sae_out
+                    ev = 1 - (xh - x).pow(2).sum(-1).mean() / (x - x.mean(0)).pow(2).sum(-1).mean()
+                    row = {"step": s, "loss": float(out.loss), "mse": float(out.losses["mse_loss"]),
+                           "explained_variance": float(ev),
+                           "l0": float((out.feature_acts != 0).float().sum(-1).mean()),
+                           "dead": int(trainer.dead_neurons.sum())}
+                history.append(row)
+                bar.set_postfix(ev=f"{row['explained_variance']:.3f}", l0=f"{row['l0']:.1f}", dead=row["dead"])
+            bar.update(1)
+            if ck_every and s % ck_every == 0 and s < total_steps:
+                save_checkpoint(trainer, ckpt_dir / f"step_{s:08d}", time.perf_counter() - start)
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    steps_run = trainer.n_training_steps - step0
+    return {"history": history, "train_seconds": seconds, "steps": trainer.n_training_steps,
+            "samples": trainer.n_training_samples,
+            "samples_per_second": steps_run * cfg.batch_size / max(seconds - elapsed0, 1e-9)}
+
+
+def finish_trainer(trainer) -> None:
+    """Fold activation normalisation into the weights and record final stats (as ``SAETrainer.fit`` does)."""
+    sae, sc = trainer.sae, trainer.activation_scaler
+    if sc.scaling_factor is not None:
+        sae.fold_activation_norm_scaling_factor(sc.scaling_factor)
+        sc.scaling_factor = None
+    if sc.whitening is not None:
+        sae.fold_activation_whitening(mean=sc.whitening.mean, whitening_matrix=sc.whitening.matrix,
+                                      unwhitening_matrix=sc.whitening.inverse_matrix)
+        sc.whitening = None
+    trainer.set_final_sae_metadata()
+
+
+def train_sae(acts_dir: str | Path, out_dir: str | Path | None = None, architecture: str = "batchtopk",
+              expansion: int = 8, k: float | None = None, steps: int | None = 2000, seconds: float | None = None,
+              config: SAETrainConfig | None = None, model: Any = None, eval_images: Any = None,
+              eval_labels: Any = None, resume: bool = True, overwrite: bool = True, progress: bool = True,
+              evaluate: bool = True, return_sae: bool = False, **overrides: Any) -> dict[str, Any]:
+    """Train an SAE on an ``acts`` stage and save it as a sae-lens inference export + manifest.
+
+    Args:
+        acts_dir: ``indexes/<run>/acts/<model>/<layer>``.
+        out_dir: default ``indexes/<run>/saes/<model>/<layer>``.
+        architecture, expansion, k, steps, seconds: shortcuts for :class:`SAETrainConfig` fields;
+            ``config`` gives all of them, ``overrides`` set any other field.
+        model, eval_images, eval_labels: also evaluate the spliced-in model on held-out images.
+        resume: continue from the checkpoints of an interrupted run with the same config.
+        return_sae: also return the trained (in-memory, normalisation folded) sae-lens SAE under "sae".
+
+    Returns the metrics: training summary and the evaluation of the SAE as reloaded from disk on the
+    held-out images' PFVs (explained variance, L0, dead/dense latents) and, with ``model`` and
+    ``eval_images``, accuracy and logit KL with the SAE spliced in.
+    """
+    reader = ShardReader(acts_dir)
+    if config is None:
+        config = SAETrainConfig(architecture=architecture, expansion=expansion, k=k, steps=steps,
+                                seconds=seconds)
+    if overrides:
+        config = dataclasses.replace(config, **overrides)
+    if config.steps is None and config.seconds is None:
+        raise SaeCafeError("give a training budget: steps and/or seconds")
+    final = Path(out_dir) if out_dir is not None else default_sae_dir(reader.directory)
+    if final.exists() and (final / MANIFEST).exists() and not overwrite:
+        raise ArtifactError(f"{final} already holds an SAE; pass overwrite=True (CLI --overwrite)")
+    train_rng, held_rng = holdout_split(reader.n_images, config.holdout)
+    dataset_name = reader.manifest.get("dataset", {}).get("name")
+    metadata = {
+        "model_name": reader.model, "hook_name": reader.layer, "weights_hash": reader.weights_hash,
+        "dataset_path": str(reader.directory), "dataset": dataset_name,
+        "dataset_hash": dataset_hash(reader), "context_size": None,
+        "sae_cafe": {"pfv_layout": reader.manifest.get("pfv_layout"), "grid": list(reader.grid),
+                     "layer_kind": reader.manifest.get("layer_kind"), "family": reader.manifest.get("family"),
+                     "preprocessing": reader.manifest.get("preprocessing"),
+                     "train_images": list(train_rng), "held_out_images": list(held_rng)},
+    }
+    key = hash_json({"config": config, "acts": reader.manifest.get("extract_key"), "n": reader.n})
+    tmp = final.with_name(f".{final.name}.tmp")
+    ckpt_dir = tmp / CHECKPOINTS
+    if tmp.exists():
+        same = (tmp / "run_key.json").exists() and json.loads((tmp / "run_key.json").read_text()) == key
+        if not (resume and same):
+            shutil.rmtree(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(tmp / "run_key.json", key)
+
+    sae = make_training_sae(config, reader.d_in, metadata)
+    provider = ShardDataProvider(reader, config.batch_size, image_range=train_rng, seed=config.seed,
+                                 buffer_rows=config.buffer_rows, device=config.device)
+    total_steps = int(config.steps) if config.steps is not None else 10 ** 9 // config.batch_size
+    trainer = make_trainer(sae, provider, config, total_steps)
+    elapsed0 = 0.0
+    latest = _latest_checkpoint(ckpt_dir) if resume else None
+    if latest is not None:
+        elapsed0 = load_checkpoint(trainer, latest)
+        provider.gen.manual_seed(config.seed + trainer.n_training_steps)
+    summary = run_training(trainer, provider, config, total_steps, ckpt_dir, progress, elapsed0)
+    summary["resumed_from_step"] = int(latest.name.split("_")[1]) if latest is not None else None
+    dead_train = int(trainer.dead_neurons.sum())
+    finish_trainer(trainer)
+    sae = trainer.sae
+    sae.cfg.metadata.sae_cafe = {**metadata["sae_cafe"], "architecture": config.architecture}
+    for p in tmp.iterdir():
+        if p.name != CHECKPOINTS:
+            p.unlink() if p.is_file() else shutil.rmtree(p)
+    sae.save_inference_model(str(tmp))
+    if len(summary["history"]) > 200:
+        summary["history"] = summary["history"][:: len(summary["history"]) // 200 + 1]
+    train_metrics = {"architecture": config.architecture, "d_in": reader.d_in, "d_sae": sae.cfg.d_sae,
+                     "k": sae.cfg.k if hasattr(sae.cfg, "k") else None, "dead_during_training": dead_train,
+                     "train_l0_window": sae.cfg.metadata.get("l0"), **summary}
+    atomic_write_json(tmp / "training.json", train_metrics)
+    shutil.rmtree(ckpt_dir, ignore_errors=True)
+    (tmp / "run_key.json").unlink(missing_ok=True)
+    write_manifest(tmp, "saes", config, upstream={"acts": reader.directory}, model=reader.model,
+                   layer=reader.layer, d_in=reader.d_in, d_sae=sae.cfg.d_sae, architecture=config.architecture,
+                   weights_hash=reader.weights_hash, dataset=dataset_name, train_images=list(train_rng),
+                   held_out_images=list(held_rng), sae_lens_files=["cfg.json", "sae_weights.safetensors"],
+                   training={k: v for k, v in train_metrics.items() if k != "history"})
+    publish_stage(tmp, final)
+    metrics: dict[str, Any] = {"sae_dir": str(final), "training": train_metrics}
+    if evaluate:
+        from .evaluate import evaluate_sae
+
+        held = held_rng if held_rng[1] > held_rng[0] else train_rng
+        metrics["eval"] = evaluate_sae(final, acts=reader.directory, image_range=held, model=model,
+                                       images=eval_images, labels=eval_labels, progress=progress)
+    if return_sae:
+        metrics["sae"] = sae
+    return metrics

@@ -1,0 +1,247 @@
+"""SAE training through sae-lens on activation shards: export/reload identity, resume, provider, evaluation,
+CLI."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from PIL import Image
+from sae_lens import SAE, StandardSAE, StandardSAEConfig
+from sae_lens.saes.sae import SAEMetadata
+from sae_lens.training.sae_trainer import SAETrainer
+
+from sae_cafe.activations.extract import extract_activations
+from sae_cafe.activations.shards import ShardReader
+from sae_cafe.models import make_adapter
+from sae_training.data import ShardDataProvider, holdout_split
+from sae_training.evaluate import evaluate_sae
+from sae_training.train import (
+    SAETrainConfig,
+    load_checkpoint,
+    make_trainer,
+    make_training_sae,
+    save_checkpoint,
+    train_sae,
+)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Busy shared CPU: one intra-op thread avoids oversubscription (restored afterwards)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def tiny_resnet():
+    torch.manual_seed(0)
+    return make_adapter(torchvision.models.resnet18(num_classes=5).eval(), "resnet18", input_size=(32, 32),
+                        resize=None)
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    return tiny_resnet()
+
+
+@pytest.fixture(scope="module")
+def acts(tmp_path_factory, resnet):
+    root = tmp_path_factory.mktemp("idx")
+    x = torch.randn(40, 3, 32, 32, generator=torch.Generator().manual_seed(3))
+    return extract_activations(resnet, x, "layer2", run="t", root=root, shard_size=100, batch_size=8,
+                               progress=False)["layer2"]
+
+
+def _small(**kw) -> dict:
+    return dict(steps=30, batch_size=128, n_checkpoints=0, progress=False, evaluate=False, **kw)
+
+
+@pytest.mark.parametrize("arch", ["topk", "standard", "jumprelu", "batchtopk", "matryoshka_batchtopk"])
+def test_reloaded_sae_matches_trained(tmp_path, acts, arch):
+    res = train_sae(acts, tmp_path / arch, architecture=arch, k=8, return_sae=True, **_small())
+    out = tmp_path / arch
+    assert {"cfg.json", "sae_weights.safetensors", "manifest.json", "training.json"} <= {
+        p.name for p in out.iterdir()}
+    assert not (out / "checkpoints").exists()
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["metadata"]["hook_name"] == "layer2" and cfg["metadata"]["model_name"] == "resnet18"
+    assert cfg["metadata"]["sae_cafe"]["grid"] == [4, 4] and cfg["d_sae"] == 8 * 128
+    loaded = SAE.load_from_disk(out)
+    trained = res["sae"].eval()
+    x = ShardReader(acts)[torch.arange(0, 640, 3)].float()
+    with torch.no_grad():
+        z = loaded.encode(x)
+        if arch in ("batchtopk", "matryoshka_batchtopk"):
+            # trained as BatchTopK, exported as JumpReLU with the learned threshold (sae-lens's conversion)
+            hp = trained.encode_with_hidden_pre(x)[1]
+            z_ref = hp * (hp > trained.topk_threshold.float())
+            assert trained.topk_threshold > 0
+        else:
+            z_ref = trained.encode(x)
+        torch.testing.assert_close(z, z_ref, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(loaded.decode(z), trained.decode(z_ref), rtol=1e-6, atol=1e-5)
+    assert (z != 0).any()
+    assert res["training"]["steps"] == 30
+
+
+def test_training_learns_and_evaluates_on_held_out(tmp_path, acts, resnet):
+    res = train_sae(acts, tmp_path / "s", architecture="topk", k=16, expansion=4, steps=80, batch_size=128,
+                    n_checkpoints=0, progress=False, lr=3e-3)
+    ev = res["eval"]
+    # held-out = the last 10 % of images (4 of 40 → 64 PFVs)
+    assert ev["n_pfvs"] == 64 and ev["image_range"] == [36, 40]
+    assert ev["explained_variance"] > 0.5, ev
+    assert abs(ev["l0"] - 16) < 1e-6 and ev["dead_count_reliable"]
+    assert (tmp_path / "s" / "eval" / "firing_frequency.png").stat().st_size > 1000
+    hist = res["training"]["history"]
+    assert hist[-1]["mse"] < hist[0]["mse"]
+
+
+def test_resume_from_checkpoint_after_crash(tmp_path, acts, monkeypatch):
+    orig = SAETrainer.step
+
+    def crashing(self, batch):
+        if self.n_training_steps == 25:
+            raise RuntimeError("simulated crash")
+        return orig(self, batch)
+
+    monkeypatch.setattr(SAETrainer, "step", crashing)
+    kw = dict(architecture="batchtopk", k=8, steps=40, batch_size=64, n_checkpoints=1, progress=False,
+              evaluate=False)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_sae(acts, tmp_path / "s", **kw)
+    ck = tmp_path / ".s.tmp" / "checkpoints" / "step_00000020"
+    assert ck.is_dir() and not (tmp_path / "s").exists()
+    assert all(p.suffix in (".json", ".safetensors") for p in ck.iterdir())  # no pickles
+    monkeypatch.setattr(SAETrainer, "step", orig)
+    res = train_sae(acts, tmp_path / "s", **kw)
+    assert res["training"]["resumed_from_step"] == 20 and res["training"]["steps"] == 40
+    assert SAE.load_from_disk(tmp_path / "s").cfg.d_sae == 1024
+    # a different config does not resume from another run's checkpoints
+    res = train_sae(acts, tmp_path / "s", **{**kw, "k": 4})
+    assert res["training"]["resumed_from_step"] is None
+
+
+def test_checkpoint_round_trip_restores_trainer_state(tmp_path, acts):
+    cfg = SAETrainConfig(architecture="jumprelu", steps=20, batch_size=64)
+    prov = ShardDataProvider(acts, 64, seed=0)
+    tr = make_trainer(make_training_sae(cfg, 128), prov, cfg, 20)
+    tr.activation_scaler.scaling_factor = 0.5
+    for _ in range(5):
+        tr.step(next(prov))
+        tr.n_training_steps += 1
+    save_checkpoint(tr, tmp_path / "ck", elapsed=3.0)
+    tr2 = make_trainer(make_training_sae(dataclasses_replace(cfg, seed=9), 128), prov, cfg, 20)
+    assert load_checkpoint(tr2, tmp_path / "ck") == 3.0
+    assert tr2.n_training_steps == 5 and tr2.n_training_samples == 5 * 64
+    assert tr2.activation_scaler.scaling_factor == 0.5
+    for a, b in zip(tr.sae.parameters(), tr2.sae.parameters()):
+        assert torch.equal(a, b)
+    s1, s2 = tr.optimizer.state_dict(), tr2.optimizer.state_dict()
+    for pid in s1["state"]:
+        for k in ("exp_avg", "exp_avg_sq", "step"):
+            assert torch.equal(torch.as_tensor(s1["state"][pid][k]), torch.as_tensor(s2["state"][pid][k]))
+    assert tr.lr_scheduler.state_dict()["last_epoch"] == tr2.lr_scheduler.state_dict()["last_epoch"]
+    assert torch.equal(tr.act_freq_scores, tr2.act_freq_scores)
+    batch = next(prov)
+    torch.manual_seed(0)
+    o1 = tr.step(batch)
+    torch.manual_seed(0)
+    o2 = tr2.step(batch)
+    torch.testing.assert_close(o1.loss, o2.loss)
+
+
+def dataclasses_replace(obj, **kw):
+    import dataclasses
+
+    return dataclasses.replace(obj, **kw)
+
+
+def test_data_provider_shuffles_within_image_range(acts):
+    r = ShardReader(acts)
+    (lo, hi), held = holdout_split(r.n_images, 0.25)
+    assert (lo, hi) == (0, 30) and held == (30, 40)
+    allowed = r[torch.arange(r.n)][r.provenance(torch.arange(r.n))[:, 0] < hi]
+    prov = ShardDataProvider(r, 32, image_range=(lo, hi), buffer_rows=128, seed=1)
+    rows = torch.cat([next(prov) for _ in range(30)])
+    assert rows.shape == (960, 128) and rows.dtype == torch.float32
+    # every served row is a training-image row; with 960 draws of 480 rows most of them are seen
+    allowed_set = {a.tobytes() for a in allowed.numpy()}
+    served = [a.tobytes() for a in rows.numpy()]
+    assert all(b in allowed_set for b in served)
+    assert len(set(served)) / len(allowed_set) > 0.9
+    first = torch.cat([next(ShardDataProvider(r, 32, seed=1)) for _ in range(1)])
+    assert not torch.equal(first, r[torch.arange(32)])  # shuffled, not in file order
+
+
+def identity_sae_dir(path, d, hook, model):
+    eye = torch.eye(d)
+    sae = StandardSAE(StandardSAEConfig(d_in=d, d_sae=2 * d, apply_b_dec_to_input=False,
+                                        metadata=SAEMetadata(hook_name=hook, model_name=model)))
+    with torch.no_grad():
+        sae.W_enc.copy_(torch.cat([eye, -eye], 1))
+        sae.W_dec.copy_(torch.cat([eye, -eye], 1).T)
+        sae.b_enc.zero_()
+        sae.b_dec.zero_()
+    sae.save_model(path)
+    return path
+
+
+def test_evaluate_identity_sae_spliced(tmp_path, resnet):
+    d = identity_sae_dir(tmp_path / "id", 128, "layer2", "resnet18")
+    x = torch.randn(12, 3, 32, 32, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        pred = resnet.model(x).argmax(-1)
+    labels = pred.clone()
+    labels[:3] = (labels[:3] + 1) % 5  # model accuracy 75 %
+    res = evaluate_sae(d, model=resnet, images=x, labels=labels, batch_size=5, progress=False)
+    assert res["explained_variance"] == pytest.approx(1.0, abs=1e-6)
+    assert res["accuracy"] == pytest.approx(0.75) and res["spliced_accuracy"] == pytest.approx(0.75)
+    assert res["top1_agreement"] == 1.0 and res["logit_kl"] < 1e-9
+    assert res["n_pfvs"] == 12 * 16 and res["dead_count_reliable"]  # all available PFVs seen
+    assert json.loads((d / "eval" / "metrics.json").read_text())["n_images"] == 12
+    # a broken SAE (zero decoder) is visible in every number
+    sae = SAE.load_from_disk(d)
+    with torch.no_grad():
+        sae.W_dec.zero_()
+    sae.save_model(tmp_path / "zero")
+    bad = evaluate_sae(tmp_path / "zero", model=resnet, images=x, labels=labels, progress=False)
+    assert bad["explained_variance"] < 0.1 and bad["logit_kl"] > 1e-4
+
+
+def test_cli_extract_train_eval(tmp_path, monkeypatch, capsys):
+    from sae_cafe.cli import main
+
+    imgs = tmp_path / "imgs"
+    for c in ("a", "b"):
+        (imgs / c).mkdir(parents=True)
+        for i in range(3):
+            arr = np.random.default_rng(i + (c == "b") * 10).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(imgs / c / f"{i}.png")
+    monkeypatch.setenv("COLUMNS", "200")
+    root = tmp_path / "idx"
+    assert main(["extract", "--model", "mini_resnet", "--images", str(imgs), "--layers", "layer4", "layer4.0",
+                 "--run", "cli", "--root", str(root), "--dtype", "float16", "--batch-size", "4"]) == 0
+    out = capsys.readouterr().out
+    assert "layer4.0" in out and "96" in out  # 6 images × 4×4 positions
+    toml = tmp_path / "sae.toml"
+    toml.write_text('[sae]\narchitecture = "topk"\nexpansion = 2\nk = 8\nsteps = 6\nbatch_size = 32\n'
+                    'holdout = 0.2\nn_checkpoints = 0\n')
+    assert main(["train-sae", "--config", str(toml), "--run", "cli", "--root", str(root), "--model", "mini_resnet",
+                 "--layer", "layer4", "--steps", "5", "--eval-images", str(imgs)]) == 0
+    out = capsys.readouterr().out
+    assert "explained_variance" in out and "spliced_accuracy" in out
+    sae_dir = root / "cli" / "saes" / "mini_resnet" / "layer4"
+    assert json.loads((sae_dir / "training.json").read_text())["steps"] == 5
+    assert main(["eval-sae", "--sae", str(sae_dir), "--acts", str(root / "cli" / "acts" / "mini_resnet" / "layer4")
+                 ]) == 0
+    assert "l0" in capsys.readouterr().out
+    toml.write_text("[sae]\nbogus = 1\n")
+    assert main(["train-sae", "--config", str(toml), "--acts", str(root / "cli" / "acts" / "mini_resnet" /
+                                                                   "layer4")]) == 2
+    assert "unknown keys ['bogus']" in capsys.readouterr().err
