@@ -270,7 +270,7 @@ def test_api_contracts_model_untouched_no_grad_frozen_differentiable():
     b = srd_saliency(model, xg, 1, differentiable=True)
     assert torch.allclose(a, b.detach(), atol=1e-5)
     (b * torch.randn_like(b)).sum().backward()
-    assert xg.grad is not None and xg.grad.abs().sum() > 0
+    assert xg.grad is not None and xg.grad.abs().sum() > 0 and torch.isfinite(xg.grad).all()
     with pytest.raises(UnknownLayerError):
         srd_ierf(model, x, "layer9", (0, 0))
     check()

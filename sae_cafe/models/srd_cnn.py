@@ -32,7 +32,7 @@ HEAD_MODULES = (nn.Linear, nn.Dropout, nn.Identity, nn.Flatten, *ACTIVATIONS)
 
 def activation_fn(m: nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """Element-wise activation as a function that never writes into its input."""
-    if isinstance(m, nn.ReLU):
+    if type(m) is nn.ReLU:  # subclasses (e.g. a softplus surrogate during an attack) run their own forward
         return torch.relu
     if getattr(m, "inplace", False):
         return lambda z: m(z.clone())
@@ -157,7 +157,7 @@ def _block_stages(name: str, block: nn.Module, source: str, pool: MaxPoolSpec | 
         spec, bias = conv_spec(getattr(block, c), getattr(block, b), f"{name}.{c}", dtype)
         exact = conv_bn_forward(getattr(block, c), getattr(block, b), dtype)
         node = f"{name}.{b}"
-        stages.append(Stage(node, [Branch(src, spec, src_pool, bias, exact)], torch.relu))
+        stages.append(Stage(node, [Branch(src, spec, src_pool, bias, exact)], activation_fn(block.relu)))
         src, src_pool = node, None
     c, b = convs[-1]
     spec, bias = conv_spec(getattr(block, c), getattr(block, b), f"{name}.{c}", dtype)
@@ -171,7 +171,7 @@ def _block_stages(name: str, block: nn.Module, source: str, pool: MaxPoolSpec | 
         skip = Branch(source, dspec, pool, dbias, conv_bn_forward(ds[0], ds[1], dtype))
     else:
         skip = Branch(source, None, pool, None)
-    stages.append(Stage(name, [main, skip], torch.relu))
+    stages.append(Stage(name, [main, skip], activation_fn(block.relu)))
     return stages
 
 
@@ -184,7 +184,7 @@ def build_resnet_graph(model: nn.Module, dtype: torch.dtype) -> SRDGraph:
         raise UnsupportedModuleError(f"maxpool: {type(model.maxpool).__name__} has no SRD rule")
     spec, bias = conv_spec(model.conv1, model.bn1, "conv1", dtype)
     stages = [Stage("relu", [Branch("input", spec, None, bias, conv_bn_forward(model.conv1, model.bn1, dtype))],
-                    torch.relu)]
+                    activation_fn(model.relu))]
     nodes = {"relu": "relu"}
     src, pool = "relu", MaxPoolSpec.from_module(model.maxpool, "maxpool")
     for stage_name in ("layer1", "layer2", "layer3", "layer4"):

@@ -66,6 +66,12 @@ def pool_offset_masks(pool: MaxPoolSpec, idx: torch.Tensor, src_w: int) -> torch
     return ((rows - r0) // pool.dilation[0]) * pool.kernel[1] + (cols - c0) // pool.dilation[1]
 
 
+def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
+    """√x with a finite gradient at 0 (the value stays exactly 0 there)."""
+    pos = sq > 0
+    return torch.where(pos, torch.where(pos, sq, torch.ones_like(sq)).sqrt(), torch.zeros_like(sq))
+
+
 def _unfold(t: torch.Tensor, kernel, stride, padding, dilation) -> torch.Tensor:
     """(N, C, H, W) → (N, C, K, L): the source vector of every kernel offset k at every output position."""
     u = F.unfold(t, kernel, dilation, padding, stride)
@@ -113,7 +119,7 @@ def _dots_norms_shift(conv, src: torch.Tensor, z: torch.Tensor, need_norm: bool,
             yk = y[:, j * cout:(j + 1) * cout, a * dh:a * dh + h, b * dw:b * dw + w]
             dots.append(torch.linalg.vecdot(yk, z, dim=1))
             if need_norm:
-                norms.append(torch.linalg.vecdot(yk, yk, dim=1).sqrt())
+                norms.append(_safe_sqrt(torch.linalg.vecdot(yk, yk, dim=1)))
     dot = torch.stack(dots, 1).flatten(2)
     return dot, (torch.stack(norms, 1).flatten(2) if need_norm else None)
 
@@ -146,7 +152,7 @@ def _dots_norms_gram(branch: Branch, src: torch.Tensor, z: torch.Tensor, need_no
     if not need_norm:
         return dot, None
     gram = torch.matmul(w, w.transpose(1, 2))  # (K, cin, cin)
-    norm = (torch.matmul(gram, u) * u).sum(2).clamp_min(0).sqrt()
+    norm = _safe_sqrt((torch.matmul(gram, u) * u).sum(2).clamp_min(0))
     return dot, norm
 
 
@@ -181,7 +187,7 @@ def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tenso
         for path in _path_outputs(branch, _unfold(src_map, *_geometry(branch)), chunk):
             dots.append(torch.linalg.vecdot(path, zf, dim=2))
             if need_norm:
-                norms.append(torch.linalg.vecdot(path, path, dim=2).sqrt())
+                norms.append(_safe_sqrt(torch.linalg.vecdot(path, path, dim=2)))
     dot = torch.cat(dots, 1).view(z.shape[0], -1, h, w)
     if not need_norm:
         return dot * inv.unsqueeze(1)

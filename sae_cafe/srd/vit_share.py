@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from .rules import _safe_sqrt  # finite gradient at 0 (differentiable=True)
 from .vit_model import Block, BlockRec, Spec, Trace, pool_weights
 
 
@@ -60,7 +61,7 @@ def block_share(blk: Block, rec: BlockRec, keep: bool = False, keep_w: bool = Fa
     woh = blk.wo.view(blk.wo.shape[0], H, -1)  # (D, H, e)
     vh = v0.transpose(1, 2)  # (B,H,S,e)
     gram = woh.permute(1, 2, 0) @ woh.permute(1, 0, 2)  # (H,e,e) W_O^hᵀ W_O^h
-    nw = torch.linalg.vecdot(vh @ gram, vh).clamp_min(0).sqrt()  # (B,H,S) ‖W_O^h W_V^h L₁(x_s)‖
+    nw = _safe_sqrt(torch.linalg.vecdot(vh @ gram, vh).clamp_min(0))  # (B,H,S) ‖W_O^h W_V^h L₁(x_s)‖
     tot = (A @ nw[..., None])[..., 0].sum(1)  # (B,T) Σ_{s,h} ‖a_{(s,h)→t}‖
     yy = torch.linalg.vecdot(y, y)  # (B,T)
     by = y @ rec.b_attn  # (B,T) ⟨b_attn, y_t⟩
@@ -111,7 +112,7 @@ def pixel_share(spec: Spec, x: Tensor, tokens0: Tensor) -> Tensor:
     gram = (Wk.permute(2, 1, 0) @ Wk.permute(2, 0, 1)).view(P, P, -1).permute(2, 0, 1).repeat(1, h, w)
     C = x.shape[1]  # gram (C·C, H, W): ⟨W_k[:, c], W_k[:, c']⟩ at each pixel's kernel offset k
     n2 = sum(x[:, c] * x[:, c2] * gram[c * C + c2] for c in range(C) for c2 in range(C))  # ‖W_k x_k‖²
-    nrm = n2.clamp_min(0).sqrt()  # (B,H,W) ‖W_k x_k‖
+    nrm = _safe_sqrt(n2.clamp_min(0))  # (B,H,W) ‖W_k x_k‖
     blocks = nrm.view(B, h, P, w, P).permute(0, 1, 3, 2, 4).reshape(B, h * w, P * P)
     share = _share(blocks)  # (B, h·w, P²)
     be = (e * (spec.patch_b + spec.pos_patch)).sum(-1)  # ⟨b + pos_t, e_t⟩

@@ -1,0 +1,147 @@
+"""``sae-cafe benchmark-saliency``: SRD against the saliency baselines on the concept world or a folder."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import numpy as np
+
+
+def register(subparsers: argparse._SubParsersAction) -> None:
+    p = subparsers.add_parser("benchmark-saliency",
+                              help="methods × metrics table (pointing, localisation, sparseness, μ-fidelity, "
+                                   "stability, insertion, deletion) into indexes/<run>/saliency/<model>")
+    p.add_argument("--model", required=True, help="model name (see sae_cafe.models.list_adapters)")
+    p.add_argument("--weights", default=None, help="weights file (default: the model's shipped weights/random)")
+    p.add_argument("--data", default="world",
+                   help="'world' (the run's exported concept world, else freshly generated scenes) or a folder "
+                        "of images with masks in <folder>/masks/<stem>.png or <stem>_mask.png (no masks: "
+                        "pointing/localisation are skipped)")
+    p.add_argument("--n", type=int, default=500, help="images (default 500)")
+    p.add_argument("--n-fidelity", type=int, default=100,
+                   help="the first N images also get μ-fidelity and stability (default 100)")
+    p.add_argument("--methods", default="all", help="comma list, 'cheap' or 'all' (default all)")
+    p.add_argument("--metrics", default=None, help="comma list of metrics (default all)")
+    p.add_argument("--run", default="demo", help="run name (default demo)")
+    p.add_argument("--root", default=None, help="artifact root (default indexes/ or $SAE_CAFE_ROOT)")
+    p.add_argument("--target", choices=("label", "predicted"), default="label",
+                   help="explain the ground-truth class (world/ImageFolder labels) or the predicted one")
+    p.add_argument("--seed", type=int, default=0, help="seed of generated scenes, subsets and noise")
+    p.add_argument("--subsets", type=int, default=200, help="μ-fidelity subsets per image (default 200)")
+    p.add_argument("--noise-samples", type=int, default=20, help="stability noise samples (default 20)")
+    p.add_argument("--batch-size", type=int, default=8, help="images per explanation call (default 8)")
+    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--device", default=None, help="cpu / cuda (default: cpu)")
+    p.add_argument("--attack-pairs", type=int, default=0,
+                   help="also run the manipulation attack on this many image pairs (default 0: skip)")
+    p.add_argument("--attack-iters", type=int, default=500, help="attack iterations (default 500)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_benchmark)
+
+
+def mask_through_preprocess(adapter, mask: np.ndarray) -> np.ndarray:
+    """Send a (h, w) bool mask through the adapter's resize/crop so it lines up with the input pixels."""
+    img = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=2)
+    t = adapter.denormalize(adapter.preprocess_one(img)[None])[0, 0]
+    return (t > 0.5).cpu().numpy()
+
+
+def load_world_data(run: str, n: int, seed: int, root=None):
+    """(images uint8 (N,h,w,3), masks (N,h,w) bool, labels (N,), ids, upstream) of the concept world."""
+    from ..artifacts import is_finished, stage_path
+    from ..world import WorldDataset, generate, load_world
+
+    wdir = stage_path(run, "world", root=root)
+    if is_finished(wdir):
+        ds, upstream = load_world(wdir), {"world": wdir}
+        if len(ds) < n:
+            print(f"note: {wdir} has {len(ds)} images; using all of them")
+    else:
+        print(f"note: no exported world at {wdir}; generating {n} scenes (seed {seed}) in memory")
+        ds, upstream = WorldDataset(generate(n, seed)), {}
+    w = ds.world
+    k = min(n, len(ds))
+    return w.images[:k], w.instance[:k] == 1, w.labels[:k], [ds.image_id(i) for i in range(k)], upstream
+
+
+def load_folder_data(folder: str, n: int, class_names=None):
+    from ..images import iter_image_files, load_image
+
+    files = [(p, c) for p, c in iter_image_files(folder) if p.parent.name != "masks"
+             and not p.stem.endswith("_mask")][:n]
+    images, masks, labels = [], [], []
+    for p, c in files:
+        images.append(np.asarray(load_image(p)))
+        cands = [Path(folder) / "masks" / f"{p.stem}.png", p.with_name(f"{p.stem}_mask.png")]
+        m = next((q for q in cands if q.exists()), None)
+        masks.append(None if m is None else np.asarray(load_image(m))[..., 0] > 127)
+        labels.append(class_names.index(c) if class_names and c in class_names else -1)
+    if any(m is None for m in masks):
+        print(f"note: {sum(m is None for m in masks)} of {len(files)} images have no mask; "
+              "pointing game and localisation are skipped")
+        masks = None
+    return images, masks, np.array(labels), [p.stem for p, _ in files], {}
+
+
+def _benchmark(args) -> int:
+    import torch
+
+    from ..artifacts import stage_path
+    from ..errors import SaeCafeError
+    from ..models import load_model
+    from .benchmark import BenchmarkConfig, publish_stage, run_saliency_benchmark, write_saliency_benchmark
+    from .metrics import METRICS
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    adapter = load_model(args.model, args.weights, device=args.device)
+    if args.data == "world":
+        images, masks, labels, ids, upstream = load_world_data(args.run, args.n, args.seed, args.root)
+    else:
+        images, masks, labels, ids, upstream = load_folder_data(args.data, args.n, adapter.class_names)
+    if not len(images):
+        raise SaeCafeError(f"no images found in {args.data}")
+    x = adapter.preprocess(list(images))
+    if masks is not None:
+        same = all(m.shape == tuple(x.shape[-2:]) for m in masks) and adapter.resize is None
+        masks = np.stack([m if same else mask_through_preprocess(adapter, m) for m in masks])
+    targets = None
+    if args.target == "label":
+        if (np.asarray(labels) < 0).any():
+            print("note: no labels for some images; explaining the predicted class")
+        else:
+            targets = torch.as_tensor(np.asarray(labels), dtype=torch.long)
+    metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else METRICS
+    cfg = BenchmarkConfig(metrics=metrics, n_fidelity=args.n_fidelity, n_subsets=args.subsets,
+                          n_noise=args.noise_samples, seed=args.seed, batch_size=args.batch_size)
+    final = stage_path(args.run, "saliency", adapter.name, root=args.root)
+    tmp = final.with_name(f".{final.name}.tmp")  # kept across interruptions: per-image results resume
+    tmp.mkdir(parents=True, exist_ok=True)
+    res = run_saliency_benchmark(adapter, x, masks, targets, args.methods, cfg, state_dir=tmp / "per_image",
+                                 image_ids=ids, progress=not args.no_progress)
+    if args.attack_pairs:
+        from ..artifacts import atomic_write_json
+        from .attack import AttackConfig, plot_attack, run_attack_benchmark
+        from .benchmark import write_csv
+
+        rows, results = run_attack_benchmark(adapter, x, res.methods, args.attack_pairs,
+                                             AttackConfig(iterations=args.attack_iters, seed=args.seed),
+                                             progress=not args.no_progress)
+        write_csv(rows, tmp / "attack.csv")
+        atomic_write_json(tmp / "attack.json", {"config": AttackConfig(iterations=args.attack_iters,
+                                                                       seed=args.seed), "rows": rows})
+        plot_attack(results, tmp / "attack.png")
+        for r in rows:
+            print(r["method"], r["status"] if r["status"] != "ok" else
+                  f"SSIM→target {r['ssim_to_target_mean']:.3f}  PCC→target {r['pearson_to_target_mean']:.3f}  "
+                  f"SSIM→orig {r['ssim_to_orig_mean']:.3f}  same class {r['same_class_mean']:.2f}")
+    write_saliency_benchmark(res, tmp, {"model": args.model, "weights": args.weights,
+                                        "weights_hash": adapter.weights_hash, "data": args.data,
+                                        "n": len(ids), "target": args.target,
+                                        "attack_pairs": args.attack_pairs, "attack_iters": args.attack_iters},
+                             upstream)
+    publish_stage(tmp, final)
+    print(res.format_table())
+    print(f"wrote {final}")
+    return 0

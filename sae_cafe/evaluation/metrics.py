@@ -1,0 +1,267 @@
+"""Saliency metrics in torch, batched over images (CPU or GPU).
+
+Every metric takes maps already passed through its one post-processing (``postprocess.for_metric``);
+:func:`evaluate_maps` applies them. Definitions follow Quantus (checked equal in ``tests/test_metrics.py``)
+with the protocol parameters of method_spec §5.2:
+
+* pointing game: hit if an arg-max pixel lies within ``tolerance`` px (Euclidean) of a mask pixel;
+  ``tolerance`` defaults to 15 px at 224, scaled by H/224. NaN for an empty mask.
+* attribution localisation: Σ_mask a / (Σ a + 1e-9); NaN for an empty mask or a ratio > 1.
+* sparseness: Gini index of the sorted map (+1e-7), as Quantus ``Sparseness``.
+* μ-fidelity: Spearman correlation over random subsets S between the drop of the target logit when S is
+  set to the baseline and Σ_{i∈S} a_i; S = 20 % of the cells of a 9×9 grid (cells of 224/9 px at 224, scaled
+  by H/224), 200 subsets.
+* stability: mean over noise samples of ‖a(x) − a(x + u)‖_F / ‖a(x)‖_F with u ~ U(0, r) added in model
+  input space (Quantus ``AvgSensitivity``); lower is better.
+* insertion / deletion: softmax probability of the target as the most relevant pixels are inserted into a
+  baseline image / deleted from the image (channels together) in ``steps`` equal steps; trapezoid AUC over
+  the fraction in [0, 1].
+
+Written by hand because Quantus is numpy-bound and per-image; the Quantus equality test guards them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..models.base import ModelAdapter
+
+ExplainFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def as_module(model: ModelAdapter | nn.Module) -> nn.Module:
+    return model.model if isinstance(model, ModelAdapter) else model
+
+
+def default_tolerance(H: int) -> float:
+    """Pointing-game tolerance: 15 px at 224, scaled by H/224."""
+    return 15.0 * H / 224.0
+
+
+def _disk(radius: float, device) -> torch.Tensor:
+    r = int(math.floor(radius))
+    yy, xx = torch.meshgrid(torch.arange(-r, r + 1, device=device), torch.arange(-r, r + 1, device=device),
+                            indexing="ij")
+    return ((yy ** 2 + xx ** 2) <= radius ** 2 + 1e-9).float()
+
+
+def pointing_game(maps_NHW: torch.Tensor, masks_NHW: torch.Tensor, tolerance: float | None = None
+                  ) -> torch.Tensor:
+    """(N,) 1.0 hit / 0.0 miss / NaN (empty mask). All tied arg-max pixels count, as in Quantus."""
+    N, H, W = maps_NHW.shape
+    tol = default_tolerance(H) if tolerance is None else float(tolerance)
+    masks = masks_NHW.bool()
+    if tol > 0:
+        k = _disk(tol, maps_NHW.device)
+        pad = k.shape[-1] // 2
+        near = F.conv2d(masks[:, None].float(), k[None, None], padding=pad)[:, 0] > 0.5
+    else:
+        near = masks
+    flat = maps_NHW.reshape(N, -1)
+    is_max = flat == flat.amax(1, keepdim=True)
+    hit = (is_max & near.reshape(N, -1)).any(1).float()
+    hit[masks.reshape(N, -1).sum(1) == 0] = float("nan")
+    return hit
+
+
+def attribution_localisation(maps_NHW: torch.Tensor, masks_NHW: torch.Tensor) -> torch.Tensor:
+    """(N,) share of the map's mass inside the mask (Kohlbrenner et al. 2020); NaN if undefined."""
+    N = maps_NHW.shape[0]
+    a = maps_NHW.reshape(N, -1).double()
+    s = masks_NHW.reshape(N, -1).bool()
+    ratio = (a * s).sum(1) / (a.sum(1) + 1e-9)
+    ratio[(s.sum(1) == 0) | (ratio > 1)] = float("nan")
+    return ratio.float()
+
+
+def sparseness(maps_NHW: torch.Tensor) -> torch.Tensor:
+    """(N,) Gini index of each map (Chalasani et al. 2020; Quantus ``Sparseness``)."""
+    N = maps_NHW.shape[0]
+    a = torch.sort(maps_NHW.reshape(N, -1).double() + 1e-7, dim=1).values
+    n = a.shape[1]
+    k = torch.arange(1, n + 1, device=a.device, dtype=a.dtype)
+    return (((2 * k - n - 1) * a).sum(1) / (n * a.sum(1))).float()
+
+
+def rankdata(a_NR: torch.Tensor) -> torch.Tensor:
+    """Row-wise average ranks (1-based, ties get their mean rank, as ``scipy.stats.rankdata``)."""
+    less = (a_NR[:, None, :] < a_NR[:, :, None]).sum(-1)
+    equal = (a_NR[:, None, :] == a_NR[:, :, None]).sum(-1)
+    return less.double() + (equal.double() + 1) / 2
+
+
+def pearson(a_NR: torch.Tensor, b_NR: torch.Tensor) -> torch.Tensor:
+    """(N,) row-wise Pearson correlation (NaN for a constant row)."""
+    a = a_NR.double() - a_NR.double().mean(1, keepdim=True)
+    b = b_NR.double() - b_NR.double().mean(1, keepdim=True)
+    return (a * b).sum(1) / (a.norm(dim=1) * b.norm(dim=1))
+
+
+def spearman(a_NR: torch.Tensor, b_NR: torch.Tensor) -> torch.Tensor:
+    """(N,) row-wise Spearman correlation (Pearson of average ranks)."""
+    return pearson(rankdata(a_NR), rankdata(b_NR))
+
+
+def grid_cells(H: int, W: int, grid: int = 9, device=None) -> torch.Tensor:
+    """(H, W) long cell index of a ``grid``×``grid`` partition (cells of H/grid px: 224/9 at 224)."""
+    rows = torch.clamp((torch.arange(H, device=device) * grid) // H, max=grid - 1)
+    cols = torch.clamp((torch.arange(W, device=device) * grid) // W, max=grid - 1)
+    return rows[:, None] * grid + cols[None, :]
+
+
+def grid_subsets(N: int, H: int, W: int, n_subsets: int = 200, grid: int = 9, frac: float = 0.2,
+                 generator: torch.Generator | None = None, device=None) -> torch.Tensor:
+    """(N, R, H, W) bool random subsets: each is ``round(frac·grid²)`` whole cells of the grid."""
+    n_cells = grid * grid
+    k = max(1, round(frac * n_cells))
+    scores = torch.rand(N, n_subsets, n_cells, generator=generator)
+    chosen = torch.zeros(N, n_subsets, n_cells, dtype=torch.bool)
+    chosen.scatter_(2, scores.argsort(2)[..., :k], True)
+    cells = grid_cells(H, W, grid)
+    return chosen[..., cells].to(device)
+
+
+def _target_logits(module: nn.Module, x: torch.Tensor, target: torch.Tensor, batch_size: int,
+                   softmax: bool = False) -> torch.Tensor:
+    """Target score of each row of ``x`` (M,C,H,W) with ``target`` (M,), in chunks."""
+    out = []
+    with torch.no_grad():
+        for i in range(0, x.shape[0], batch_size):
+            logits = module(x[i:i + batch_size])
+            if softmax:
+                logits = logits.softmax(1)
+            out.append(logits.gather(1, target[i:i + batch_size, None])[:, 0])
+    return torch.cat(out)
+
+
+def mu_fidelity(model: ModelAdapter | nn.Module, x: torch.Tensor, target: torch.Tensor,
+                maps_NHW: torch.Tensor, subsets: torch.Tensor | None = None, n_subsets: int = 200,
+                grid: int = 9, frac: float = 0.2, baseline: float = 0.0,
+                generator: torch.Generator | None = None, batch_size: int = 64
+                ) -> torch.Tensor:
+    """(N,) μ-fidelity (Bhatt et al. 2020): Spearman(Σ_S a, f_t(x) − f_t(x with S := baseline)).
+
+    ``subsets``: (N, R, H, W) or (N, R, C, H, W) bool; by default :func:`grid_subsets`. A per-channel
+    subset sums the map once per selected channel (the map is broadcast over channels, as Quantus does).
+    """
+    module = as_module(model)
+    N, C, H, W = x.shape
+    if subsets is None:
+        subsets = grid_subsets(N, H, W, n_subsets, grid, frac, generator, x.device)
+    subsets = subsets.to(x.device)
+    R = subsets.shape[1]
+    sub = subsets if subsets.ndim == 5 else subsets[:, :, None].expand(N, R, C, H, W)
+    att = (maps_NHW[:, None, None].double() * sub).flatten(2).sum(2)  # (N, R)
+    y0 = _target_logits(module, x, target, batch_size)
+    xp = torch.where(sub, torch.as_tensor(baseline, dtype=x.dtype, device=x.device), x[:, None])
+    yp = _target_logits(module, xp.reshape(N * R, C, H, W), target.repeat_interleave(R), batch_size)
+    delta = (y0[:, None] - yp.view(N, R)).double()
+    return spearman(att, delta).float()
+
+
+def stability(explain: ExplainFn, x: torch.Tensor, target: torch.Tensor, maps_NHW: torch.Tensor | None = None,
+              noise: torch.Tensor | None = None, n_samples: int = 20, radius: float = 0.1,
+              generator: torch.Generator | None = None, postprocess: Callable | None = None,
+              batch_size: int = 32) -> torch.Tensor:
+    """(N,) mean relative change ‖a(x) − a(x+u)‖_F / ‖a(x)‖_F over noise samples (lower is better).
+
+    ``explain(x, target) -> (N,H,W)``; ``postprocess`` (if given) is applied to every map including
+    ``maps_NHW`` (the maps of ``x``; recomputed when None). ``noise``: (S, N, C, H, W), else U(0, radius).
+    """
+    post = postprocess or (lambda m: m)
+    a = post(explain(x, target)) if maps_NHW is None else post(maps_NHW)
+    if noise is None:
+        noise = torch.rand(n_samples, *x.shape, generator=generator).to(x.device) * radius
+    N, S = x.shape[0], noise.shape[0]
+    a_flat = a.reshape(N, -1).double()
+    den = a_flat.norm(dim=1)
+    # all noisy copies go through ``explain`` together, ``batch_size`` images per call
+    xs = (x[None] + noise.to(x.device, x.dtype)).reshape(S * N, *x.shape[1:])
+    ts = target.repeat(S)
+    b = torch.cat([post(explain(xs[i:i + batch_size], ts[i:i + batch_size]))
+                   for i in range(0, S * N, batch_size)]).reshape(S, N, -1).double().to(a_flat.device)
+    return ((a_flat[None] - b).norm(dim=2) / den[None]).mean(0).float()
+
+
+def trapezoid_auc(curve_NK: torch.Tensor) -> torch.Tensor:
+    """(N,) trapezoid area under curves sampled at equal steps over [0, 1]."""
+    k = curve_NK.shape[1] - 1
+    return (curve_NK[:, 1:] + curve_NK[:, :-1]).sum(1) / (2 * k)
+
+
+def insertion_deletion(model: ModelAdapter | nn.Module, x: torch.Tensor, target: torch.Tensor,
+                       maps_NHW: torch.Tensor, mode: str = "deletion", steps: int = 10, baseline: float = 0.0,
+                       batch_size: int = 64) -> tuple[torch.Tensor, torch.Tensor]:
+    """RISE insertion/deletion: returns (auc (N,), curve (N, steps+1)) of the target's softmax probability.
+
+    Step k shows the image with the top ``k/steps`` fraction of pixels (by map value, all channels) kept
+    (insertion, others = baseline) or set to the baseline (deletion).
+    """
+    if mode not in ("insertion", "deletion"):
+        raise ValueError(f"mode must be 'insertion' or 'deletion', got {mode!r}")
+    module = as_module(model)
+    N, C, H, W = x.shape
+    P = H * W
+    order = maps_NHW.reshape(N, P).argsort(dim=1, descending=True, stable=True)
+    rank = torch.empty_like(order)
+    rank.scatter_(1, order, torch.arange(P, device=order.device).expand(N, P))
+    counts = torch.tensor([round(P * k / steps) for k in range(steps + 1)], device=x.device)
+    top = (rank[:, None, :] < counts[None, :, None]).view(N, steps + 1, 1, H, W)  # (N, K, 1, H, W)
+    keep = top if mode == "insertion" else ~top
+    base = torch.as_tensor(baseline, dtype=x.dtype, device=x.device)
+    xs = torch.where(keep, x[:, None], base).reshape(N * (steps + 1), C, H, W)
+    probs = _target_logits(module, xs, target.repeat_interleave(steps + 1), batch_size, softmax=True)
+    curve = probs.view(N, steps + 1).float()
+    return trapezoid_auc(curve), curve
+
+
+METRICS = ("pointing", "localisation", "sparseness", "fidelity", "stability", "insertion", "deletion")
+HIGHER_IS_BETTER = {"pointing": True, "localisation": True, "sparseness": True, "fidelity": True,
+                    "stability": False, "insertion": True, "deletion": False}
+
+
+def evaluate_maps(model: ModelAdapter | nn.Module, x: torch.Tensor, target: torch.Tensor,
+                  maps_NHW: torch.Tensor, masks_NHW: torch.Tensor | None = None, metrics: tuple[str, ...] = METRICS,
+                  explain: ExplainFn | None = None, fidelity_subsets: torch.Tensor | None = None,
+                  stability_noise: torch.Tensor | None = None, n_subsets: int = 200, n_noise: int = 20,
+                  radius: float = 0.1, steps: int = 10, generator: torch.Generator | None = None,
+                  batch_size: int = 64, explain_batch_size: int | None = None) -> dict[str, torch.Tensor]:
+    """All requested metrics for one batch of raw maps, each after its post-processing. → {metric: (N,)}.
+
+    Also returns ``insertion_curve`` / ``deletion_curve`` (N, steps+1). Mask metrics need ``masks_NHW``;
+    stability needs ``explain(x, target)`` (the raw method), called on ``explain_batch_size`` noisy images at a
+    time; ``batch_size`` bounds plain forward passes.
+    """
+    from .postprocess import for_metric
+
+    out: dict[str, torch.Tensor] = {}
+    maps_NHW = maps_NHW.detach().float().to(x.device)
+    for m in metrics:
+        if m not in METRICS:
+            raise ValueError(f"unknown metric {m!r}; expected some of {METRICS}")
+        a = for_metric(maps_NHW, m)
+        if m in ("pointing", "localisation"):
+            if masks_NHW is None:
+                continue
+            fn = pointing_game if m == "pointing" else attribution_localisation
+            out[m] = fn(a, masks_NHW.to(x.device))
+        elif m == "sparseness":
+            out[m] = sparseness(a)
+        elif m == "fidelity":
+            out[m] = mu_fidelity(model, x, target, a, fidelity_subsets, n_subsets, generator=generator,
+                                 batch_size=batch_size)
+        elif m == "stability":
+            if explain is None:
+                continue
+            out[m] = stability(explain, x, target, maps_NHW, stability_noise, n_noise, radius, generator,
+                               postprocess=lambda t: for_metric(t.detach().float(), "stability"),
+                               batch_size=explain_batch_size or batch_size)
+        else:
+            auc, curve = insertion_deletion(model, x, target, a, m, steps, batch_size=batch_size)
+            out[m], out[f"{m}_curve"] = auc, curve
+    return out

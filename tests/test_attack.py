@@ -1,0 +1,84 @@
+"""Manipulation attack: differentiable maps equal the library maps, surrogate copies, a short attack."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from test_baselines import _same_state, _state, tiny_resnet, tiny_seq
+from torch import nn
+
+from sae_cafe.evaluation import attack as A
+from sae_cafe.evaluation import baselines as B
+from sae_cafe.models import get_adapter
+
+warnings.filterwarnings("ignore")
+
+
+@pytest.mark.parametrize("make", [tiny_resnet, tiny_seq])
+def test_differentiable_versions_equal_library_maps(make, monkeypatch):
+    monkeypatch.setattr(B, "IG_STEPS", A.ATTACK_IG_STEPS)  # the attack's IG uses 16 steps
+    model = make()
+    adapter = get_adapter(model)
+    x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
+    t = torch.tensor([2])
+    for name, fn in A.DIFFERENTIABLE.items():
+        lib = B.explain(name, model, x, t)
+        ours = fn(adapter, x, t, create_graph=False).detach()
+        scale = lib.abs().max().clamp(min=1e-12)
+        assert ((lib - ours).abs().max() / scale).item() < 1e-4, name
+
+
+def test_surrogate_copy_is_smooth_and_leaves_model_alone():
+    model = tiny_resnet()
+    before = _state(model)
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    sur = A.surrogate_copy(model, beta=None)
+    assert sur.model is not model and any(isinstance(m, A.SoftplusReLU) for m in sur.model.modules())
+    assert torch.allclose(sur.model(x), model(x), atol=1e-5)  # beta None = exact ReLU
+    A.set_beta(sur, 1000.0)
+    assert torch.allclose(sur.model(x), model(x), atol=1e-2)
+    _same_state(before, _state(model))
+    # the gradient map of a ReLU net is piecewise constant: no second derivative without the surrogate
+    t = torch.tensor([0, 1])
+    xr = x.clone().requires_grad_(True)
+    (g_relu,) = torch.autograd.grad(A.diff_saliency(get_adapter(model), xr, t).sum(), xr, allow_unused=True)
+    assert g_relu is None or g_relu.abs().max() == 0
+    A.set_beta(sur, 10.0)
+    (g_soft,) = torch.autograd.grad(A.diff_saliency(sur, xr, t).sum(), xr)
+    assert g_soft.abs().max() > 0
+
+
+def test_short_attack_moves_explanation_toward_target():
+    model = tiny_seq()
+    before = _state(model)
+    g = torch.Generator().manual_seed(2)
+    x, xt = torch.randn(2, 3, 32, 32, generator=g), torch.randn(2, 3, 32, 32, generator=g)
+    cfg = A.AttackConfig(iterations=15, lr=5e-2)
+    res = A.manipulate(model, "input_x_gradient", x, xt, cfg)
+    assert res.loss_curve[-1] < res.loss_curve[0]
+    adapter = get_adapter(model)
+    lo = (0 - torch.tensor(adapter.mean).view(1, 3, 1, 1)) / torch.tensor(adapter.std).view(1, 3, 1, 1)
+    assert (res.x_adv >= lo - 1e-6).all()
+    for k in ("ssim_to_target", "pearson_to_target", "mse_to_target", "ssim_to_orig", "same_class"):
+        assert res.scores[k].shape == (2,)
+    start = A.similarity_scores(res.maps["orig"], res.maps["target"])["mse"]
+    assert (res.scores["mse_to_target"] < start).all()
+    _same_state(before, _state(model))
+
+
+def test_not_attackable():
+    model = tiny_seq()
+    assert A.attack_applicability("scorecam", model) == "n/a (not differentiable)"
+    assert A.attack_applicability("saliency", model) is None
+    with pytest.raises(B.NotApplicable):
+        A.manipulate(model, "deeplift", torch.randn(1, 3, 8, 8), torch.randn(1, 3, 8, 8))
+
+
+def test_similarity_scores_known_answers():
+    h = torch.rand(2, 16, 16)
+    s = A.similarity_scores(h, h)
+    assert s["ssim"] == pytest.approx([1, 1]) and s["pearson"] == pytest.approx([1, 1])
+    assert s["mse"] == pytest.approx([0, 0])
+    assert isinstance(nn.ReLU(), nn.Module)

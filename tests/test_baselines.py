@@ -1,0 +1,227 @@
+"""Saliency baseline registry: shapes, library equivalence, n/a reasons, and no side effects on the model."""
+
+from __future__ import annotations
+
+import warnings
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from sae_cafe.evaluation import baselines as B
+from sae_cafe.models import get_adapter
+
+warnings.filterwarnings("ignore")
+
+
+def tiny_resnet() -> nn.Module:
+    torch.manual_seed(0)
+    m = torchvision.models.resnet.ResNet(torchvision.models.resnet.BasicBlock, [1, 1, 1, 1], num_classes=5)
+    with torch.no_grad():  # non-trivial BN statistics
+        for mod in m.modules():
+            if isinstance(mod, nn.BatchNorm2d):
+                mod.running_mean.uniform_(-0.1, 0.1)
+                mod.running_var.uniform_(0.5, 1.5)
+    return m.eval()
+
+
+def tiny_seq() -> nn.Module:
+    torch.manual_seed(1)
+    return nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(inplace=True),
+                         nn.MaxPool2d(2), nn.Conv2d(8, 8, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5)).eval()
+
+
+def tiny_vit() -> nn.Module:
+    from timm.models.vision_transformer import VisionTransformer
+
+    torch.manual_seed(2)
+    return VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
+                             num_classes=5).eval()
+
+
+def _state(model: nn.Module):
+    hooks = sum(len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+                + len(getattr(m, "_backward_pre_hooks", {})) for m in model.modules())
+    kinds = [(n, type(m).__name__, getattr(m, "inplace", None), m.training) for n, m in model.named_modules()]
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    grads = [p.requires_grad for p in model.parameters()]
+    fwd = type(model).forward, [type(m).forward for m in model.modules()]
+    return hooks, kinds, params, grads, fwd
+
+
+def _same_state(a, b) -> None:
+    assert a[0] == 0 and b[0] == 0, f"hooks left behind: {b[0]}"
+    assert a[1] == b[1], "modules replaced, re-flagged or switched to training"
+    assert a[2].keys() == b[2].keys() and all(torch.equal(a[2][k], b[2][k]) for k in a[2])
+    assert a[3] == b[3] and a[4] == b[4]
+
+
+@pytest.mark.parametrize("make,size,cheap", [pytest.param(tiny_resnet, 48, True, marks=pytest.mark.slow),
+                                             (tiny_seq, 32, False)])
+def test_every_method_runs_and_leaves_no_trace(make, size, cheap):
+    model = make()
+    before = _state(model)
+    x = torch.randn(1, 3, size, size, generator=torch.Generator().manual_seed(0))
+    y0 = model(x).detach()
+    for name in B.list_baselines(cheap_only=cheap):
+        if B.applicability(name, model):
+            continue
+        maps = B.explain(name, model, x, torch.tensor([3]))
+        assert maps.shape == (1, size, size) and torch.isfinite(maps).all(), name
+        assert maps.abs().sum() > 0, name
+        _same_state(before, _state(model))
+        if any(m.__dict__.get("forward") for m in model.modules()):
+            pytest.fail(f"{name} left a patched forward on an instance")
+    assert torch.equal(model(x), y0)
+
+
+def test_registry_equals_captum():
+    from captum.attr import DeepLift, GuidedBackprop, InputXGradient, Saliency
+
+    model = tiny_resnet()
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(1))
+    t = torch.tensor([0, 4])
+    assert torch.allclose(B.explain("saliency", model, x, t), Saliency(model).attribute(x, t, abs=True).sum(1))
+    assert torch.allclose(B.explain("input_x_gradient", model, x, t),
+                          InputXGradient(model).attribute(x, t).sum(1))
+
+    class Reused(nn.Module):  # one ReLU module, two call sites
+        def __init__(self):
+            super().__init__()
+            self.c1, self.c2 = nn.Conv2d(3, 4, 3, padding=1), nn.Conv2d(4, 4, 3, padding=1)
+            self.relu = nn.ReLU(inplace=True)
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            h = self.relu(self.c2(self.relu(self.c1(x))))
+            return self.fc(h.mean((2, 3)))
+
+    class Unique(Reused):
+        def __init__(self):
+            super().__init__()
+            self.r1, self.r2 = nn.ReLU(), nn.ReLU()
+
+        def forward(self, x):
+            return self.fc(self.r2(self.c2(self.r1(self.c1(x)))).mean((2, 3)))
+
+    torch.manual_seed(3)
+    reused = Reused().eval()
+    unique = Unique().eval()
+    unique.load_state_dict(reused.state_dict())
+    adapter = SimpleNamespace(model=reused)  # these two methods only use ``.model``
+    x = torch.randn(3, 3, 12, 12, generator=torch.Generator().manual_seed(2))
+    t = torch.tensor([0, 1, 2])
+    ref = DeepLift(unique).attribute(x, target=t).sum(1)
+    assert torch.allclose(B.deeplift(adapter, x, t), ref, atol=1e-6)
+    ref = GuidedBackprop(unique).attribute(x, target=t).sum(1)
+    assert torch.allclose(B.guided_backprop(adapter, x, t), ref, atol=1e-6)
+    assert sum(isinstance(m, nn.ReLU) for m in reused.modules()) == 1  # the user's model is untouched
+
+
+def test_per_site_copy_and_cam_layer():
+    model = tiny_resnet()
+    copy = B.per_site_relu_copy(model)
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.allclose(copy(x), model(x), atol=1e-6)
+    relus = [m for m in copy.modules() if isinstance(m, nn.ReLU)]
+    assert len(relus) == 1 + 4 * 2 and not any(r.inplace for r in relus)  # stem + 2 sites per BasicBlock
+    assert model.relu.inplace  # original unchanged
+    assert B.cam_target_layer(get_adapter(model))[0] == "layer4"
+    assert B.cam_target_layer(get_adapter(tiny_seq()))[0] == "5"
+
+
+def test_not_applicable_on_vit():
+    vit = tiny_vit()
+    reasons = {n: B.applicability(n, vit) for n in B.REGISTRY}
+    for name in ("lrp_epsilon_plus", "deeplift", "guided_backprop", "fullgrad", "ablationcam"):
+        assert reasons[name], name
+    assert "LRP rules" in reasons["lrp_epsilon_plus"]
+    with pytest.raises(B.NotApplicable, match="lrp_epsilon_plus"):
+        B.explain("lrp_epsilon_plus", vit, torch.randn(1, 3, 32, 32), 0)
+    before = _state(vit)
+    maps = B.explain("gradcam", vit, torch.randn(2, 3, 32, 32), None)
+    assert maps.shape == (2, 32, 32) and maps.max() > 0
+    _same_state(before, _state(vit))
+
+
+def test_srd_entries_call_srd():
+    from sae_cafe.srd import srd_saliency
+
+    model = tiny_seq()
+    x = torch.randn(2, 3, 32, 32)
+    t = torch.tensor([0, 1])
+    assert torch.allclose(B.explain("srd", model, x, t), srd_saliency(model, x, t, contrast="mean"))
+    assert torch.allclose(B.explain("srd_none", model, x, t), srd_saliency(model, x, t, contrast="none"))
+
+
+def test_unknown_method():
+    with pytest.raises(B.SaeCafeError, match="available"):
+        B.explain("nope", tiny_seq(), torch.randn(1, 3, 8, 8), 0)
+
+
+# ---------------------------------------------------------------- benchmark (registry end to end) -----------
+def test_benchmark_resume_and_outputs(tmp_path, monkeypatch):
+    from sae_cafe.artifacts import read_manifest
+    from sae_cafe.evaluation.benchmark import BenchmarkConfig, run_saliency_benchmark, write_saliency_benchmark
+
+    model = tiny_seq()
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(3, 3, 32, 32, generator=g)
+    masks = torch.zeros(3, 32, 32, dtype=torch.bool)
+    masks[:, 8:20, 8:20] = True
+    cfg = BenchmarkConfig(n_fidelity=2, n_subsets=10, n_noise=2, n_examples=2, batch_size=2)
+    methods = ["input_x_gradient", "gradcam"]
+    res = run_saliency_benchmark(model, x, masks, None, methods, cfg, state_dir=tmp_path / "state",
+                                 progress=False)
+    for m in methods:
+        assert np.isfinite(res.scores[m]["pointing"]).all() and np.isfinite(res.seconds[m]).all()
+        assert np.isfinite(res.scores[m]["fidelity"][:2]).all() and np.isnan(res.scores[m]["fidelity"][2])
+        assert res.examples[m].shape == (2, 32, 32)
+    # rerun: everything comes from the per-image state, no method is called again
+    monkeypatch.setitem(B.REGISTRY, "gradcam", B.Baseline("gradcam", _boom, "x"))
+    again = run_saliency_benchmark(model, x, masks, None, methods, cfg, state_dir=tmp_path / "state",
+                                   progress=False)
+    for m in methods:
+        for k, v in res.scores[m].items():
+            assert np.allclose(v, again.scores[m][k], equal_nan=True), (m, k)
+    out = tmp_path / "stage"
+    write_saliency_benchmark(again, out)
+    for f in ("table.csv", "results.json", "table.txt", "curves.png", "examples.png"):
+        assert (out / f).stat().st_size > 0, f
+    assert read_manifest(out, "saliency")["methods"] == methods
+    assert "input_x_gradient" in (out / "table.txt").read_text()
+
+
+def _boom(*_a):
+    raise AssertionError("recomputed although the per-image result was saved")
+
+
+def test_benchmark_reports_not_applicable():
+    from sae_cafe.evaluation.benchmark import BenchmarkConfig, run_saliency_benchmark
+
+    res = run_saliency_benchmark(tiny_vit(), torch.randn(2, 3, 32, 32), None, None,
+                                 ["lrp_epsilon_plus", "gradcam"], BenchmarkConfig(n_fidelity=0), progress=False)
+    rows = {r["method"]: r for r in res.table()}
+    assert rows["lrp_epsilon_plus"]["status"].startswith("n/a (zennit has no LRP rules")
+    assert rows["gradcam"]["status"] == "ok" and np.isfinite(rows["gradcam"]["sparseness_mean"])
+    assert "n/a" in res.format_table()
+
+
+@pytest.mark.slow
+def test_cli_benchmark_on_world(tmp_path):
+    from sae_cafe.artifacts import read_manifest
+    from sae_cafe.cli import main
+
+    rc = main(["benchmark-saliency", "--model", "mini_resnet", "--n", "2", "--n-fidelity", "1", "--subsets", "8",
+               "--noise-samples", "2", "--methods", "input_x_gradient,deeplift", "--run", "t",
+               "--root", str(tmp_path), "--attack-pairs", "1", "--attack-iters", "2", "--no-progress"])
+    assert rc == 0
+    stage = tmp_path / "t" / "saliency" / "mini_resnet"
+    assert read_manifest(stage, "saliency")["n_images"] == 2
+    assert "deeplift" in (stage / "table.csv").read_text()
+    assert "n/a (not differentiable)" in (stage / "attack.csv").read_text()
+    assert (stage / "attack.png").exists() and not (tmp_path / "t" / "saliency" / ".mini_resnet.tmp").exists()
