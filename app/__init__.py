@@ -1,0 +1,1 @@
+"""The sae-cafe Streamlit viewer (``sae-cafe view [PATH]``): latents, images, concept graphs, metrics."""

@@ -1,0 +1,57 @@
+"""Latent browser: sortable, searchable latent table and concept cards of a CAFE stage."""
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+import streamlit as st  # noqa: E402
+
+from app import components as C  # noqa: E402
+from app import data as D  # noqa: E402
+
+COLUMNS = ("latent", "firing_frequency", "image_frequency", "concentration_ierf", "concentration_act",
+           "purity_ierf", "purity_act", "max_activation", "n_exemplars")
+
+
+def table(cafe) -> list[dict]:
+    rows = []
+    for r in cafe.latent_rows:
+        row = {k: r.get(k) for k in COLUMNS if k in r}
+        if r.get("pushes"):
+            row["pushes"] = ", ".join(str(p["class"]) for p in r["pushes"])
+        rows.append(row)
+    return rows
+
+
+ctx = C.page_setup("Latent browser")
+stage = C.pick_stage(ctx, "cafe", "CAFE stage (model/layer)", "lb_stage") if ctx and ctx.run else None
+if stage is not None:
+    try:
+        cafe = D.cafe(stage)
+        rows = table(cafe)
+    except C.ERRORS as e:
+        C.show_error(e, f"read the CAFE stage {stage.name}")
+        rows = None
+    if rows is not None:
+        has_purity = any(r.get("purity_ierf") is not None for r in rows)
+        st.caption(f"{cafe!r}" + ("" if has_purity else " · purity: n/a (no ground truth for these images)"))
+        q = st.text_input("search (latent id, or a class it pushes)", key="lb_search").strip().lower()
+        shown = [r for r in rows if not q or q == str(r["latent"]) or q in str(r.get("pushes", "")).lower()]
+        sort = st.selectbox("sort by", [c for c in COLUMNS if c in rows[0]], index=1, key="lb_sort")
+        desc = st.toggle("descending", value=True, key="lb_desc")
+        shown.sort(key=lambda r: (r.get(sort) is None, -(r.get(sort) or 0) if desc else (r.get(sort) or 0)))
+        event = st.dataframe(shown, hide_index=True, key="lb_table", on_select="rerun", selection_mode="single-row",
+                             height=320)
+        picked = event.selection.rows if event is not None and hasattr(event, "selection") else []
+        sel = shown[picked[0]]["latent"] if picked and picked[0] < len(shown) else None
+        if sel is not None and st.session_state.get("lb_last_pick") != sel:
+            st.session_state["lb_latent"] = int(sel)
+            st.session_state["lb_last_pick"] = sel
+        if "lb_latent" not in st.session_state:
+            st.session_state["lb_latent"] = int(shown[0]["latent"]) if shown else 0
+        latent = st.number_input("latent (or select a row)", min_value=0, max_value=cafe.n_latents - 1, step=1,
+                                 key="lb_latent")
+        if not shown:
+            st.info(f"No latent matches {q!r}.")
+        C.concept_card(ctx, stage, int(latent), key="lb_card")
