@@ -1,0 +1,64 @@
+"""Mobile CNN adapters: torchvision EfficientNet (v1/v2) and MobileNetV3; ConvNeXt (no SRD rules)."""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .base import ModelAdapter
+
+
+class EfficientNetAdapter(ModelAdapter):
+    """torchvision ``EfficientNet``. PFV layers: stem ``features.0``, each stage ``features.i`` (its last
+    block) and block ``features.i.j``, last conv ``features.8`` (the last index of ``features``)."""
+
+    family = "efficientnet"
+
+    def srd_graph(self, dtype):
+        from .srd_mobile import build_mobile_graph
+
+        return build_mobile_graph(self.model, dtype, self.family)
+
+    def _pfv_layer_names(self) -> list[str]:
+        from torchvision.ops.misc import Conv2dNormActivation
+
+        names = []
+        for i, m in enumerate(self.model.features):
+            names.append(f"features.{i}")
+            if isinstance(m, nn.Sequential) and not isinstance(m, Conv2dNormActivation):  # a stage of blocks
+                names += [f"features.{i}.{j}" for j in range(len(m))]
+        return names
+
+
+class MobileNetV3Adapter(ModelAdapter):
+    """torchvision ``MobileNetV3``. PFV layers: every ``features.i`` (stem, InvertedResidual blocks, last
+    conv)."""
+
+    family = "mobilenetv3"
+
+    def srd_graph(self, dtype):
+        from .srd_mobile import build_mobile_graph
+
+        return build_mobile_graph(self.model, dtype, self.family)
+
+    def _pfv_layer_names(self) -> list[str]:
+        return [f"features.{i}" for i in range(len(self.model.features))]
+
+
+class ConvNeXtAdapter(ModelAdapter):
+    """torchvision ``ConvNeXt`` (capture/PFVs only): SRD raises an UnsupportedModuleError naming LayerNorm2d.
+    PFV layers: ``features.i`` and the blocks ``features.i.j`` of each stage."""
+
+    family = "convnext"
+
+    def srd_graph(self, dtype):
+        from .srd_mobile import build_convnext_graph
+
+        return build_convnext_graph(self.model, dtype)
+
+    def _pfv_layer_names(self) -> list[str]:
+        names = []
+        for i, m in enumerate(self.model.features):
+            names.append(f"features.{i}")
+            if isinstance(m, nn.Sequential) and all(type(b).__name__ == "CNBlock" for b in m):
+                names += [f"features.{i}.{j}" for j in range(len(m))]
+        return names
