@@ -26,7 +26,11 @@ def sae_cfg_dict(path: str | Path) -> dict[str, Any]:
     if not p.exists():
         raise ArtifactError(f"{path} is not an SAE directory (no cfg.json); point to a directory written by "
                             "`sae-cafe train-sae` or sae-lens `save_inference_model`")
-    return json.loads(p.read_text())
+    try:
+        return json.loads(p.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ArtifactError(f"{p} is corrupt ({e}); re-export the SAE (sae-cafe train-sae or sae-lens "
+                            "save_inference_model)") from e
 
 
 def check_sae(sae: Any, adapter: ModelAdapter | nn.Module, layer: str | int | None = None,
@@ -84,7 +88,11 @@ def load_sae(path: str | Path, adapter: ModelAdapter | nn.Module | None = None, 
     sae_cfg_dict(path)
     dev = str(device) if device is not None else (str(get_adapter(adapter).device) if adapter is not None
                                                   else "cpu")
-    sae = SAE.load_from_disk(str(path), device=dev)
+    try:
+        sae = SAE.load_from_disk(str(path), device=dev)
+    except Exception as e:  # noqa: BLE001 - any decoder failure is the same user error
+        raise ArtifactError(f"SAE at {path} cannot be loaded by sae-lens ({type(e).__name__}: {e}); check "
+                            "cfg.json and sae_weights.safetensors or re-export the SAE") from e
     sae.eval()
     if adapter is not None:
         check_sae(sae, adapter, layer, check_model=check_model, source=f"SAE at {path}")

@@ -174,9 +174,16 @@ class ShardReader:
         if not path.exists():
             raise ArtifactError(f"shard {path} listed in the manifest is missing; re-run `sae-cafe extract`")
         out = {}
-        with safe_open(str(path), framework="pt") as f:
-            for k in ("acts", "image", "pos"):
-                out[k] = f.get_tensor(k)
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                for k in ("acts", "image", "pos"):
+                    out[k] = f.get_tensor(k)
+        except Exception as e:  # noqa: BLE001 - truncated/corrupt file or missing tensor: same user error
+            raise ArtifactError(f"shard {path} is corrupt or truncated ({type(e).__name__}: {e}); delete "
+                                f"{self.directory} and re-run `sae-cafe extract`") from e
+        if out["acts"].shape[0] != int(self.shards[i]["n"]):
+            raise ArtifactError(f"shard {path} holds {out['acts'].shape[0]} rows, the manifest says "
+                                f"{self.shards[i]['n']}; delete {self.directory} and re-run `sae-cafe extract`")
         self._cache = (i, out)
         return out
 
