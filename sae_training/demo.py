@@ -65,6 +65,7 @@ class SAESettings:
 
     architecture: str = "batchtopk"
     expansion: int = 8
+    d_sae: int | None = None  # overrides expansion
     k: float | None = None
     steps: int | None = 400
     seconds: float | None = 25.0
@@ -90,13 +91,13 @@ class CafeSettings:
 class ICATSettings:
     """ICAT graphs on a few dozen images with reduced IG steps, plus the three case studies."""
 
-    n_images: int = 48
+    n_images: int = 160  # class graphs use per_class × max_classes of them; the cases search all
     steps: int = 8
     per_class: int = 4
     max_classes: int | None = 6  # class graphs of the first N classes present (None: all)
     top_k: int = 5
     max_nodes: int = 8
-    attack: str = "fgsm"
+    attack: str = "pgd"
     eps: float = 8.0  # grey levels / 255
     cases: bool = True
 
@@ -105,8 +106,8 @@ class ICATSettings:
 class SaliencySettings:
     """Saliency benchmark (``sae_cafe.evaluation``) on a few dozen images with the cheap baselines."""
 
-    n: int = 24
-    n_fidelity: int = 8
+    n: int = 12
+    n_fidelity: int = 4
     subsets: int = 32
     noise_samples: int = 4
     methods: str = "cheap"
@@ -580,10 +581,7 @@ class Demo:
 
         ad = self.adapter(m)
         name = ad.resolve_layer(layer)
-        cfg = SAETrainConfig(architecture=s.architecture, expansion=s.expansion, k=s.k, steps=s.steps,
-                             seconds=s.seconds, batch_size=s.batch_size, holdout=s.holdout, seed=s.seed,
-                             n_checkpoints=s.n_checkpoints,
-                             device=self.device)
+        cfg = SAETrainConfig(**dataclasses.asdict(s), device=self.device)  # same field names
         res = train_sae(self.stage_dir("acts", m.name, name), self.stage_dir("saes", m.name, name),
                         config=cfg, overwrite=True, resume=not self.fresh)
         ev, tr = res.get("eval", {}), res["training"]
@@ -612,8 +610,11 @@ class Demo:
                           n_sample=c.n_sample, index=c.index, batch_size=c.batch_size, attributes=attributes,
                           upstream={"sae": sae_dir}, extra_manifest={"sae_path": str(sae_dir)})
         cards = []
-        freq = cafe.latents["firing_frequency"]
-        for s in freq.argsort(descending=True)[: c.cards].tolist():
+        freq = cafe.latents["firing_frequency"].float()
+        # cards of the most frequent latents that are not dense (dense ones show nothing specific)
+        order = freq.argsort(descending=True).tolist()
+        picked = [s for s in order if 0 < freq[s] <= 0.2][: c.cards] or order[: c.cards]
+        for s in picked:
             card = concept_card(cafe, s, model=ad, png=out / "cards" / f"latent_{s:05d}.png")
             cards.append(str(card.get("png", "")))
         man = cafe.manifest
@@ -664,11 +665,12 @@ class Demo:
         self.console.print(res.format_table())
         rows = {r["method"]: r for r in res.table()}
         srd = rows.get("srd", {})
+        loc = {k: _finite(r.get("localisation_mean")) for k, r in rows.items() if r["status"] == "ok"}
         return {"methods": len(rows), "ok": sum(r["status"] == "ok" for r in rows.values()),
                 "srd_pointing": _round(srd.get("pointing_mean")),
+                "srd_localisation": _round(srd.get("localisation_mean")),
                 "srd_insertion": _round(srd.get("insertion_mean")),
-                "best_pointing": max(((r.get("pointing_mean") or -1, k) for k, r in rows.items()
-                                      if r["status"] == "ok"), default=(None, None))[1],
+                "best_localisation": max(((v, k) for k, v in loc.items() if v >= 0), default=(None, None))[1],
                 "table": str(final / "table.csv")}
 
     # --- run ---
@@ -724,6 +726,10 @@ class Demo:
             self.console.print(f"Open the viewer:  [bold]sae-cafe view {self.run_dir}[/bold]")
         if failed or blocked:
             self.console.print(f"[red]demo incomplete: see the table above and {self.run_dir / REPORT}")
+
+
+def _finite(v: Any) -> float:
+    return float(v) if isinstance(v, (int, float)) and v == v and abs(v) != float("inf") else -1.0
 
 
 def _round(v: Any, nd: int = 3) -> Any:
