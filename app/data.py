@@ -65,6 +65,9 @@ def inside(root: str | Path, path: str | Path) -> Path:
             raise PathEscapeError(f"{p} lies outside the artifact root {base}; the viewer only reads files "
                                   "inside the root (move or link the data inside it)")
         return confine(base, rp.relative_to(base))
+    cwd_relative = p.resolve()  # stages record paths relative to where they were built (e.g. indexes/run/world)
+    if not (base / p).exists() and cwd_relative.exists() and base in cwd_relative.parents:
+        return confine(base, cwd_relative.relative_to(base))
     return confine(base, p)
 
 
