@@ -147,19 +147,15 @@ def is_finished(directory: str | Path) -> bool:
     return True
 
 
-@contextlib.contextmanager
-def stage_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Write a stage into ``.<name>.tmp`` next to ``final`` and rename it into place on success.
-
-    On error the temporary directory is left for inspection and ``final`` is untouched.
-    """
+def temp_stage_path(final: str | Path) -> Path:
+    """The temporary sibling ``.<name>.tmp`` a stage is written into before it is published."""
     final = Path(final)
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = final.with_name(f".{final.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir()
-    yield tmp
+    return final.with_name(f".{final.name}.tmp")
+
+
+def publish_stage(tmp: str | Path, final: str | Path, overwrite: bool = True) -> None:
+    """Rename a finished temporary stage directory into place (the finished one is replaced atomically)."""
+    tmp, final = Path(tmp), Path(final)
     if not (tmp / MANIFEST).exists():
         raise ArtifactError(f"stage written to {tmp} has no {MANIFEST}; not publishing it")
     if final.exists():
@@ -173,6 +169,23 @@ def stage_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
         shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+
+
+@contextlib.contextmanager
+def stage_dir(final: str | Path, overwrite: bool = True, resume: bool = False) -> Iterator[Path]:
+    """Write a stage into ``.<name>.tmp`` next to ``final`` and rename it into place on success.
+
+    On error the temporary directory is left (for inspection, or to continue from with ``resume=True``)
+    and ``final`` is untouched.
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_stage_path(final)
+    if tmp.exists() and not resume:
+        shutil.rmtree(tmp)
+    tmp.mkdir(exist_ok=True)
+    yield tmp
+    publish_stage(tmp, final, overwrite)
 
 
 def list_runs(root: str | Path | None = None) -> list[str]:

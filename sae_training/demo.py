@@ -644,8 +644,8 @@ class Demo:
                 "adversarial_flipped": cases.get("adversarial", {}).get("flipped")}
 
     def build_saliency(self, m: ModelSettings) -> dict[str, Any]:
+        from sae_cafe.artifacts import publish_stage
         from sae_cafe.evaluation import BenchmarkConfig, run_saliency_benchmark, write_saliency_benchmark
-        from sae_cafe.evaluation.benchmark import publish_stage
         from sae_cafe.evaluation.metrics import METRICS
 
         ad = self.adapter(m)

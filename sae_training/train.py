@@ -22,8 +22,8 @@ from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sae_cafe.activations import ShardReader
-from sae_cafe.activations.extract import dataset_hash, publish_stage
-from sae_cafe.artifacts import MANIFEST, atomic_write_json, hash_json, write_manifest
+from sae_cafe.activations.extract import dataset_hash
+from sae_cafe.artifacts import MANIFEST, atomic_write_json, hash_json, publish_stage, write_manifest
 from sae_cafe.errors import ArtifactError, SaeCafeError
 
 from .data import ShardDataProvider, holdout_split

@@ -10,7 +10,6 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import os
 import shutil
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
@@ -21,7 +20,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import MANIFEST, hash_json, is_finished, stage_path, write_manifest
+from ..artifacts import MANIFEST, hash_json, is_finished, publish_stage, stage_path, temp_stage_path, write_manifest
 from ..errors import ArtifactError, ImageReadError, SaeCafeError
 from ..images import SkipReport, iter_image_files, iter_images
 from ..models import ModelAdapter, get_adapter
@@ -239,25 +238,6 @@ def _layer_dir_name(layer: str) -> str:
     return layer.replace("/", "_")
 
 
-def _tmp_of(final: Path) -> Path:
-    return final.with_name(f".{final.name}.tmp")
-
-
-def publish_stage(tmp: Path, final: Path) -> None:
-    """Rename a finished stage into place (like :func:`sae_cafe.artifacts.stage_dir`)."""
-    if not (tmp / MANIFEST).exists():
-        raise ArtifactError(f"stage written to {tmp} has no {MANIFEST}; not publishing it")
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)
-
-
 def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, layers: str | Sequence[str],
                         run: str = "default", root: str | Path | None = None, dtype: str = "float32",
                         shard_size: int = 65536, batch_size: int = 32, include_cls: bool = False,
@@ -322,7 +302,7 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
     # --- open or resume each layer's temporary stage ---
     writers: dict[str, ShardWriter] = {}
     for n in todo:
-        tmp = _tmp_of(finals[n])
+        tmp = temp_stage_path(finals[n])
         prog = None
         if tmp.exists() and (tmp / PROGRESS).exists():
             try:
@@ -344,18 +324,18 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
     start_img = min(w.images_done for w in writers.values())
     start_item = min((w.shards[-1].get("next_item", 0) if w.shards else 0) for w in writers.values())
     ids_all: list[str] = []
-    first_tmp = _tmp_of(finals[todo[0]])
+    first_tmp = temp_stage_path(finals[todo[0]])
     if start_img and (first_tmp / IMAGES_FILE).exists():
         ids_all = (first_tmp / IMAGES_FILE).read_text().splitlines()[:start_img]
     if len(ids_all) != start_img:  # image list lost: restart cleanly
         warnings.warn("image id list of the partial extraction is incomplete; starting over", stacklevel=2)
         for n in todo:
-            for f in _tmp_of(finals[n]).glob("shard_*.safetensors"):
+            for f in temp_stage_path(finals[n]).glob("shard_*.safetensors"):
                 f.unlink()
-            writers[n] = ShardWriter(_tmp_of(finals[n]), infos[n].channels, cfg.dtype, cfg.shard_size)
+            writers[n] = ShardWriter(temp_stage_path(finals[n]), infos[n].channels, cfg.dtype, cfg.shard_size)
         start_img = start_item = 0
         ids_all = []
-    ids_fd = {n: open(_tmp_of(finals[n]) / IMAGES_FILE, "w") for n in todo}  # noqa: SIM115
+    ids_fd = {n: open(temp_stage_path(finals[n]) / IMAGES_FILE, "w") for n in todo}  # noqa: SIM115
     for fd in ids_fd.values():
         fd.write("".join(i + "\n" for i in ids_all))
         fd.flush()
@@ -403,7 +383,7 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
         warnings.warn(report.summary(), stacklevel=2)
 
     for n in todo:
-        tmp, w, info = _tmp_of(finals[n]), writers[n], infos[n]
+        tmp, w, info = temp_stage_path(finals[n]), writers[n], infos[n]
         (tmp / PROGRESS).unlink(missing_ok=True)
         write_manifest(
             tmp, "acts", dataclasses.replace(cfg, layers=[n]), upstream=_upstream(source),

@@ -16,7 +16,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -26,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..artifacts import MANIFEST, atomic_write_bytes, atomic_write_json, hash_json, write_manifest
+from ..artifacts import atomic_write_bytes, atomic_write_json, hash_json, write_manifest
 from ..errors import SaeCafeError
 from ..models import get_adapter
 from ..models.base import ModelAdapter
@@ -367,16 +366,3 @@ def write_saliency_benchmark(res: BenchmarkResult, directory: str | Path, config
                    model=res.model, methods=res.methods, n_images=len(res.image_ids))
 
 
-def publish_stage(tmp: Path, final: Path) -> None:
-    """Rename a finished temporary stage directory into place (as ``artifacts.stage_dir`` does)."""
-    if not (tmp / MANIFEST).exists():
-        raise SaeCafeError(f"stage written to {tmp} has no {MANIFEST}; not publishing it")
-    if final.exists():
-        old = final.with_name(f".{final.name}.old")
-        if old.exists():
-            shutil.rmtree(old)
-        os.replace(final, old)
-        os.replace(tmp, final)
-        shutil.rmtree(old)
-    else:
-        os.replace(tmp, final)

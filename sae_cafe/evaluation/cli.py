@@ -87,10 +87,10 @@ def load_folder_data(folder: str, n: int, class_names=None):
 def _benchmark(args) -> int:
     import torch
 
-    from ..artifacts import stage_path
+    from ..artifacts import publish_stage, stage_path
     from ..errors import SaeCafeError
     from ..models import load_model
-    from .benchmark import BenchmarkConfig, publish_stage, run_saliency_benchmark, write_saliency_benchmark
+    from .benchmark import BenchmarkConfig, run_saliency_benchmark, write_saliency_benchmark
     from .metrics import METRICS
 
     if args.threads:
