@@ -140,13 +140,18 @@ def _path_outputs(branch: Branch, src: torch.Tensor, chunk: int) -> Iterator[tor
         yield out.reshape(N, out.shape[1], cout, L)
 
 
-def _dots_norms_gram(branch: Branch, src: torch.Tensor, z: torch.Tensor, need_norm: bool
+def _gram_wz(conv, z: torch.Tensor) -> torch.Tensor:
+    """W_kᵀ z for every offset k: (N, K, C_in, L); shared by all pool offsets of a branch."""
+    w = conv.weight.reshape(conv.weight.shape[0], conv.weight.shape[1], -1).permute(2, 1, 0)  # (K, cin, cout)
+    return torch.matmul(w, z.flatten(2).unsqueeze(1))
+
+
+def _dots_norms_gram(branch: Branch, src: torch.Tensor, wz: torch.Tensor, need_norm: bool
                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """dot (N, K, L) = ⟨W_k u, z⟩ = ⟨u, W_kᵀ z⟩ and ‖W_k u‖² = uᵀ (W_kᵀ W_k) u, cheap when C_in ≪ C_out."""
     conv = branch.conv
     N, cin, K, L = src.shape
     w = conv.weight.reshape(conv.weight.shape[0], cin, K).permute(2, 1, 0)  # (K, cin, cout)
-    wz = torch.matmul(w, z.flatten(2).unsqueeze(1))  # (N, K, cin, L)
     u = src.permute(0, 2, 1, 3)  # (N, K, cin, L)
     dot = (wz * u).sum(2)
     if not need_norm:
@@ -175,12 +180,13 @@ def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tenso
     need_norm = branch.bias is not None
     gram = conv is not None and conv.groups == 1 and 2 * conv.weight.shape[1] <= conv.weight.shape[0]
     shift = conv is not None and conv.groups == 1 and conv.stride == (1, 1) and not gram
+    wz = _gram_wz(conv, z) if gram else None
     dots, norms, valids = [], [], []
     for src_map, valid in _path_sources(branch, v, pooled, idx):
         valids.append(valid[:, 0])
         if shift or gram:
             dot, norm = (_dots_norms_shift(conv, src_map, z, need_norm, chunk) if shift else
-                         _dots_norms_gram(branch, _unfold(src_map, *_geometry(branch)), z, need_norm))
+                         _dots_norms_gram(branch, _unfold(src_map, *_geometry(branch)), wz, need_norm))
             dots.append(dot)
             norms.append(norm)
             continue
