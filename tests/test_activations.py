@@ -7,37 +7,12 @@ import json
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
+from tiny_models import tiny_resnet, tiny_vit
 
 from sae_cafe.activations.extract import extract_activations
 from sae_cafe.activations.shards import ShardReader, ShardWriter
 from sae_cafe.errors import ArtifactError, MismatchError
-from sae_cafe.models import make_adapter
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a shared, busy CPU box intra-op threads oversubscribe badly (a 32-px resnet18 forward takes
-    seconds with 2 threads, 60 ms with 1); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_resnet():
-    torch.manual_seed(0)
-    return make_adapter(torchvision.models.resnet18(num_classes=5).eval(), "resnet18", input_size=(32, 32),
-                        resize=None)
-
-
-def tiny_vit():
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
-    return make_adapter(m.eval(), "tiny_vit", resize=None)
 
 
 @pytest.fixture(scope="module")

@@ -5,29 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
+from tiny_models import tiny_resnet, tiny_vit
 
 from sae_cafe.models import make_adapter
 from sae_cafe.models.hooked import HookedVisionModel
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a shared, busy CPU box intra-op threads oversubscribe badly (a 32-px resnet18 forward takes
-    seconds with 2 threads, 60 ms with 1); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def tiny_models():
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    yield make_adapter(torchvision.models.resnet18(num_classes=5).eval(), "resnet18", input_size=(32, 32),
-                       resize=None)
-    yield make_adapter(VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2,
-                                         num_classes=5).eval(), "tiny_vit", resize=None)
+    yield tiny_resnet()
+    yield tiny_vit()
     tv = torchvision.models.VisionTransformer(image_size=32, patch_size=8, num_layers=2, num_heads=2,
                                               hidden_dim=32, mlp_dim=64, num_classes=5)
     torch.nn.init.normal_(tv.heads.head.weight)  # torchvision initialises the head to zero

@@ -8,15 +8,14 @@ import json
 import numpy as np
 import pytest
 import torch
-import torchvision
 from PIL import Image
 from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
 from sae_lens.training.sae_trainer import SAETrainer
+from tiny_models import tiny_resnet
 
 from sae_cafe.activations.extract import extract_activations
 from sae_cafe.activations.shards import ShardReader
-from sae_cafe.models import make_adapter
 from sae_training.data import ShardDataProvider, holdout_split
 from sae_training.evaluate import evaluate_sae
 from sae_training.train import (
@@ -27,21 +26,6 @@ from sae_training.train import (
     save_checkpoint,
     train_sae,
 )
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Busy shared CPU: one intra-op thread avoids oversubscription (restored afterwards)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_resnet():
-    torch.manual_seed(0)
-    return make_adapter(torchvision.models.resnet18(num_classes=5).eval(), "resnet18", input_size=(32, 32),
-                        resize=None)
 
 
 @pytest.fixture(scope="module")

@@ -4,37 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-import torchvision
 from sae_lens import SAE, StandardSAE, StandardSAEConfig
 from sae_lens.saes.sae import SAEMetadata
+from tiny_models import tiny_resnet, tiny_vit
 
 from sae_cafe.errors import MismatchError
-from sae_cafe.models import make_adapter
 from sae_cafe.saes import decode_layer, encode_layer, load_sae, run_with_saes, spliced
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """On a shared, busy CPU box intra-op threads oversubscribe badly (a 32-px resnet18 forward takes
-    seconds with 2 threads, 60 ms with 1); restored afterwards."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-def tiny_resnet():
-    torch.manual_seed(0)
-    return make_adapter(torchvision.models.resnet18(num_classes=5).eval(), "resnet18", input_size=(32, 32),
-                        resize=None)
-
-
-def tiny_vit():
-    from timm.models.vision_transformer import VisionTransformer
-
-    torch.manual_seed(0)
-    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5)
-    return make_adapter(m.eval(), "tiny_vit", resize=None)
 
 
 def identity_sae(d: int, hook: str | None, model: str | None, signed: bool = True) -> SAE:
