@@ -1,6 +1,7 @@
 """SRD cost on CPU (or CUDA with --device cuda): saliency time vs one forward + backward to the input.
 
-Prints, for torchvision ResNet50 (batch 4) and VGG16 (batch 2) at 224×224 with random weights:
+Prints, for torchvision ResNet50 (batch 4), VGG16 (batch 2) and ConvNeXt-T (batch 1, ``--models
+convnext_tiny``) at 224×224 with random weights:
 seconds per image of SRD saliency, the ratio to forward + input-gradient of the same batch (parameters
 frozen), and 64 seeds through srd_ierf_from_relevance vs 64 separate srd_ierf calls. All ratios are
 measured in one process, interleaved, best of ``--repeat`` runs.
@@ -78,16 +79,16 @@ def main() -> None:
     if args.device == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
-    configs = {"resnet50": (4, "layer3.5"), "vgg16": (2, "features.22")}
+    configs = {"resnet50": (4, "layer3.5"), "vgg16": (2, "features.22"), "convnext_tiny": (1, "features.5.4")}
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{'model':10s} {'batch':>5s} {'SRD s/img':>10s} {'fwd+bwd s/img':>14s} {'ratio':>6s} {'maps/s':>8s} "
+    print(f"{'model':13s} {'batch':>5s} {'SRD s/img':>10s} {'fwd+bwd s/img':>14s} {'ratio':>6s} {'maps/s':>8s} "
           f"{'64 seeds s':>11s} {'64 calls s':>11s} {'seed ratio':>10s}")
     for name in args.models.split(","):
         batch, layer = configs[name]
         if args.device == "cuda" and name == "resnet50":
             batch = 64
         r = bench(name, batch, layer, args.repeat, args.device, 64, args.separate)
-        print(f"{r['model']:10s} {r['batch']:5d} {r['srd_s_per_img']:10.3f} {r['ref_s_per_img']:14.3f} "
+        print(f"{r['model']:13s} {r['batch']:5d} {r['srd_s_per_img']:10.3f} {r['ref_s_per_img']:14.3f} "
               f"{r['ratio']:6.2f} {r['maps_per_s']:8.1f} {r['many_s']:11.3f} {r['separate_s']:11.3f} "
               f"{r['seed_ratio']:10.3f}")
 

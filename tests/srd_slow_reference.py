@@ -124,3 +124,145 @@ def reference_saliency(model: nn.Sequential, x: torch.Tensor, target: int, contr
                 new[p] += (c @ zq) / zz * rel[qi, qj]
         rel = new
     return rel
+
+
+# ----- ConvNeXt (LayerNorm with frozen σ) -------------------------------------------------------------------
+def _ln_params(ln: nn.Module):
+    C = ln.normalized_shape[-1]
+    gamma = ln.weight.detach().double() if ln.weight is not None else torch.ones(C, dtype=torch.float64)
+    beta = ln.bias.detach().double() if ln.bias is not None else torch.zeros(C, dtype=torch.float64)
+    return gamma, beta, ln.eps
+
+
+def _inv_sigma(y: torch.Tensor, eps: float) -> torch.Tensor:
+    return 1.0 / torch.sqrt(((y - y.mean()) ** 2).mean() + eps)
+
+
+def _share(paths, bias):
+    """Norm-proportional bias share over the (in-bounds) paths: [(source, p, c + frac·bias)]."""
+    norms = torch.stack([c.norm() for _, _, c in paths])
+    total = norms.sum()
+    share = norms / total if total > 0 else torch.full_like(norms, 1.0 / len(paths))
+    return [(src, p, c + s * bias) for (src, p, c), s in zip(paths, share)]
+
+
+def _convnext_records(model: nn.Module, x: torch.Tensor):
+    """Forward records [(node, {q: [(source node, p, c)]}, z (C, h, w))] of one image (3, H, W), every
+    contribution vector built explicitly from the model's own parameters (LayerNorm σ frozen per position)."""
+    from torchvision.models.convnext import CNBlock
+
+    records = []
+    v = x.double()
+    src = "input"
+    for i, m in enumerate(model.features):
+        name = f"features.{i}"
+        if i == 0:  # stem: LN(conv4x4/4(x) + b)
+            conv, (gamma, beta, eps) = m[0], _ln_params(m[1])
+            W, b = conv.weight.detach().double(), conv.bias.detach().double()
+            k, st = conv.kernel_size[0], conv.stride[0]
+            z = m(v[None])[0]
+            contribs = {}
+            for qi in range(z.shape[1]):
+                for qj in range(z.shape[2]):
+                    raw = [((qi * st + a, qj * st + c), W[:, :, a, c] @ v[:, qi * st + a, qj * st + c])
+                           for a in range(k) for c in range(k)]
+                    s = _inv_sigma(sum(r for _, r in raw) + b, eps)
+                    paths = [(src, p, s * gamma * (r - r.mean())) for p, r in raw]
+                    contribs[qi, qj] = _share(paths, s * gamma * (b - b.mean()) + beta)
+            records.append((name, contribs, z))
+            v, src = z, name
+            continue
+        if all(isinstance(blk, CNBlock) for blk in m):
+            for j, blk in enumerate(m):
+                bname = f"{name}.{j}"
+                dw, ln, lin1, act, lin2 = blk.block[0], blk.block[2], blk.block[3], blk.block[4], blk.block[5]
+                gamma, beta, eps = _ln_params(ln)
+                wd, bd = dw.weight.detach().double()[:, 0], dw.bias.detach().double()
+                W1, b1 = lin1.weight.detach().double(), lin1.bias.detach().double()
+                W2, b2 = lin2.weight.detach().double(), lin2.bias.detach().double()
+                ls = blk.layer_scale.detach().double().reshape(-1)
+                h = blk.block[:4](v[None])[0].permute(2, 0, 1)  # pre-activation (4C, h, w)
+                kk, pad = dw.kernel_size[0], dw.padding[0]
+                C, H, Wd = v.shape
+                contribs = {}
+                for qi in range(H):
+                    for qj in range(Wd):
+                        raw = []
+                        for a in range(kk):
+                            for c in range(kk):
+                                pi, pj = qi - pad + a, qj - pad + c
+                                if 0 <= pi < H and 0 <= pj < Wd:
+                                    raw.append(((pi, pj), wd[:, a, c] * v[:, pi, pj]))
+                        s = _inv_sigma(sum(r for _, r in raw) + bd, eps)
+                        paths = [(src, p, W1 @ (s * gamma * (r - r.mean()))) for p, r in raw]
+                        bias = W1 @ (s * gamma * (bd - bd.mean()) + beta) + b1
+                        contribs[qi, qj] = _share(paths, bias)
+                records.append((f"{bname}.h", contribs, h))
+                a_post = act(h)
+                z = blk(v[None])[0]
+                contribs = {(qi, qj): [(f"{bname}.h", (qi, qj), ls * (W2 @ a_post[:, qi, qj] + b2)),
+                                       (src, (qi, qj), v[:, qi, qj])]
+                            for qi in range(H) for qj in range(Wd)}
+                records.append((bname, contribs, z))
+                v, src = z, bname
+            continue
+        # downsampling: conv2x2/2(LN(v)) + b
+        (gamma, beta, eps), conv = _ln_params(m[0]), m[1]
+        W, b = conv.weight.detach().double(), conv.bias.detach().double()
+        k, st = conv.kernel_size[0], conv.stride[0]
+        z = m(v[None])[0]
+        bias = b + sum(W[:, :, a, c] @ beta for a in range(k) for c in range(k))
+        contribs = {}
+        for qi in range(z.shape[1]):
+            for qj in range(z.shape[2]):
+                paths = []
+                for a in range(k):
+                    for c in range(k):
+                        p = (qi * st + a, qj * st + c)
+                        vp = v[:, p[0], p[1]]
+                        paths.append((src, p, W[:, :, a, c] @ (_inv_sigma(vp, eps) * gamma * (vp - vp.mean()))))
+                contribs[qi, qj] = _share(paths, bias)
+        records.append((name, contribs, z))
+        v, src = z, name
+    return records, v, src
+
+
+def reference_convnext_saliency(model: nn.Module, x: torch.Tensor, target: int,
+                                contrasts: tuple[str, ...] = ("none", "mean")) -> dict:
+    """SRD saliency of one image (3, H, W) for a torchvision ConvNeXt, float64, by explicit loops.
+
+    Returns {contrast: (saliency (H, W), {node: relevance (h, w)})}. Asserts Σ contributions = the model's own
+    node value at every target (the decomposition is exact)."""
+    out = {}
+    with torch.no_grad():
+        records, v, top = _convnext_records(model, x)
+        for name, contribs, z in records:
+            for (qi, qj), paths in contribs.items():
+                total = sum(c for _, _, c in paths)
+                assert torch.allclose(total, z[:, qi, qj], atol=1e-10, rtol=1e-10), (name, qi, qj)
+        ln, fc = model.classifier[0], model.classifier[2]
+        gamma, beta, eps = _ln_params(ln)
+        C, h, w = v.shape
+        n = h * w
+        s = _inv_sigma(v.mean((1, 2)), eps)
+        wy, by = fc.weight.detach().double()[target], fc.bias.detach().double()[target]
+        r0 = torch.einsum("c,chw->hw", wy, s * gamma.view(-1, 1, 1) * (v - v.mean(0, keepdim=True))) / n
+        r0 = r0 + (wy @ beta + by) / n
+        shapes = {"input": x.shape[1:], **{name: z.shape[1:] for name, _, z in records}}
+        for contrast in contrasts:
+            rel = {top: r0 - r0.mean() if contrast == "mean" else r0}
+            seen = {}
+            for name, contribs, z in reversed(records):
+                r = rel.pop(name)
+                seen[name] = r
+                for (qi, qj), paths in contribs.items():
+                    zq = z[:, qi, qj]
+                    zz = zq @ zq
+                    if zz == 0:
+                        continue
+                    for src, p, c in paths:
+                        if src not in rel:
+                            rel[src] = torch.zeros(tuple(shapes[src]), dtype=torch.float64)
+                        rel[src][p] += (c @ zq) / zz * r[qi, qj]
+            out[contrast] = (rel["input"], seen)
+    return out

@@ -1,5 +1,5 @@
 """SRD on non-ReLU CNNs: torchvision EfficientNet (MBConv/FusedMBConv, SiLU, squeeze-excitation) and
-MobileNetV3 (Hardswish/ReLU, Hardsigmoid SE); ConvNeXt fails clearly (LayerNorm2d)."""
+MobileNetV3 (Hardswish/ReLU, Hardsigmoid SE). ConvNeXt: tests/test_srd_convnext.py."""
 
 from __future__ import annotations
 
@@ -171,15 +171,6 @@ def test_srd_leaves_model_untouched(mobilenet):
     for k, v in mobilenet.state_dict().items():
         assert torch.equal(v, state[k]), k
     assert [m.inplace for m in mobilenet.modules() if hasattr(m, "inplace")] == inplace
-
-
-def test_convnext_fails_naming_layernorm2d():
-    model = torchvision.models.convnext_tiny(num_classes=4)
-    x = torch.randn(1, 3, 32, 32)
-    with pytest.raises(UnsupportedModuleError, match=r"features\.0\.1: LayerNorm2d"):
-        srd_saliency(model, x, 0)
-    adapter = get_adapter(model)
-    assert adapter.family == "convnext" and "features.1.2" in adapter._pfv_layer_names()
 
 
 def test_unsupported_module_inside_block_is_named():

@@ -1,4 +1,4 @@
-"""Mobile CNN adapters: torchvision EfficientNet (v1/v2) and MobileNetV3; ConvNeXt (no SRD rules)."""
+"""Mobile/modern CNN adapters: torchvision EfficientNet (v1/v2), MobileNetV3 and ConvNeXt."""
 
 from __future__ import annotations
 
@@ -45,13 +45,13 @@ class MobileNetV3Adapter(ModelAdapter):
 
 
 class ConvNeXtAdapter(ModelAdapter):
-    """torchvision ``ConvNeXt`` (capture/PFVs only): SRD raises an UnsupportedModuleError naming LayerNorm2d.
-    PFV layers: ``features.i`` and the blocks ``features.i.j`` of each stage."""
+    """torchvision ``ConvNeXt`` (LayerNorm σ frozen by SRD, see :mod:`.srd_convnext`). PFV layers:
+    ``features.i`` (stem, stages, downsampling layers) and the blocks ``features.i.j`` of each stage."""
 
     family = "convnext"
 
     def srd_graph(self, dtype):
-        from .srd_mobile import build_convnext_graph
+        from .srd_convnext import build_convnext_graph
 
         return build_convnext_graph(self.model, dtype)
 

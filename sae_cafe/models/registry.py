@@ -59,7 +59,7 @@ def _timm(name: str) -> Callable[..., nn.Module]:
 
 for _n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg13", "vgg16",
            "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "vit_b_16", "efficientnet_b0",
-           "mobilenet_v3_small"):
+           "mobilenet_v3_small", "convnext_tiny", "convnext_small", "convnext_base", "convnext_large"):
     register_model(_n)(_tv(_n))
 for _n in ("vit_base_patch16_224", "vit_small_patch16_224", "vit_tiny_patch16_224", "deit_small_patch16_224",
            "deit_tiny_patch16_224", "deit_base_patch16_224"):
@@ -87,12 +87,13 @@ def make_adapter(model: nn.Module, name: str | None = None, **kw) -> ModelAdapte
         return EfficientNetAdapter(model, name, **kw)
     if isinstance(model, torchvision.models.MobileNetV3):
         return MobileNetV3Adapter(model, name, **kw)
-    if isinstance(model, torchvision.models.ConvNeXt):  # adapter without SRD rules (LayerNorm2d)
+    if isinstance(model, torchvision.models.ConvNeXt):
         return ConvNeXtAdapter(model, name, **kw)
     if isinstance(model, nn.Sequential):
         return SequentialCNNAdapter(model, name, **kw)
     raise SaeCafeError(f"no adapter for model class {type(model).__name__}; supported: torchvision ResNet, "
-                       "VGG, VisionTransformer, timm VisionTransformer/DeiT, and plain nn.Sequential conv nets")
+                       "VGG, EfficientNet, MobileNetV3, ConvNeXt, VisionTransformer, timm VisionTransformer/DeiT, "
+                       "and plain nn.Sequential conv nets")
 
 
 def get_adapter(model: ModelAdapter | nn.Module) -> ModelAdapter:

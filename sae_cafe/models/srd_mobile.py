@@ -12,8 +12,7 @@ is treated as a fixed per-element factor: relevance passes through it unchanged 
 the pre-activation ``z``), it is not attributed to the pixels that produced the gate, and
 ``apop_forward`` reuses it (as ``act(z)/z``) for another input.
 
-ConvNeXt is not supported: its LayerNorm2d normalises across channels at every position and needs an
-engine rule; it raises :class:`UnsupportedModuleError` naming the LayerNorm2d module.
+ConvNeXt (LayerNorm2d) has its own builder, :mod:`.srd_convnext`.
 """
 
 from __future__ import annotations
@@ -55,8 +54,8 @@ def _cna_parts(m: nn.Module, name: str) -> tuple[nn.Conv2d, nn.BatchNorm2d | Non
             act = mod
         elif type(mod).__name__ == "LayerNorm2d":
             raise UnsupportedModuleError(
-                f"{where}: LayerNorm2d has no SRD rule (it normalises across channels at every position, "
-                "which needs an engine extension); supported norms: BatchNorm2d (folded into the conv)")
+                f"{where}: LayerNorm2d has no SRD rule in {type(m).__name__} (LayerNorm2d is supported in "
+                "torchvision ConvNeXt only); supported norms here: BatchNorm2d (folded into the conv)")
         else:
             raise UnsupportedModuleError(f"{where}: module {type(mod).__name__} has no SRD rule inside "
                                          "Conv2dNormActivation (supported: Conv2d, BatchNorm2d, element-wise "
@@ -214,15 +213,4 @@ def build_mobile_graph(model: nn.Module, dtype: torch.dtype, family: str = "effi
     return SRDGraph(stages, _head(model, src, family), nodes)
 
 
-def build_convnext_graph(model: nn.Module, dtype: torch.dtype) -> SRDGraph:  # noqa: ARG001
-    """ConvNeXt is not supported: raise naming its first LayerNorm2d."""
-    for name, m in model.named_modules():
-        if type(m).__name__ == "LayerNorm2d":
-            raise UnsupportedModuleError(
-                f"{name}: LayerNorm2d (ConvNeXt) has no SRD rule yet: it normalises across channels at every "
-                "position, which needs an engine extension. Supported CNN families: ResNet, VGG, plain "
-                "Sequential, EfficientNet, MobileNetV3")
-    raise UnsupportedModuleError(f"{type(model).__name__}: ConvNeXt has no SRD rules")
-
-
-__all__ = ["build_convnext_graph", "build_mobile_graph"]
+__all__ = ["build_mobile_graph"]

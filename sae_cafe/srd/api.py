@@ -227,8 +227,9 @@ def srd_ierf(model, x, layer, position: Position, differentiable: bool = False,
 
 
 def apop_forward(model, x, x_prime) -> torch.Tensor:
-    """Activation-pattern-only prediction: ReLU masks (gates act(z)/z) and pool indices from ``x``, input
-    ``x_prime`` (a tensor like ``x`` or a scalar such as 0). Returns logits (N, classes)."""
+    """Activation-pattern-only prediction: ReLU masks (gates act(z)/z), pool indices and frozen statistics
+    (LayerNorm σ, SE gates) from ``x``, input ``x_prime`` (a tensor like ``x`` or a scalar such as 0).
+    Returns logits (N, classes)."""
     adapter, x = _prepare(model, x, torch.float32)
     if not isinstance(x_prime, torch.Tensor) or x_prime.ndim == 0:
         x_prime = torch.full_like(x, float(x_prime))
@@ -250,14 +251,14 @@ def _gate(act, z: torch.Tensor) -> torch.Tensor:
 
 def _apop(graph: SRDGraph, run: SRDRun, xp: torch.Tensor) -> torch.Tensor:
     post = {"input": xp}
-    for stage in graph.stages:
+    for i, stage in enumerate(graph.stages):
         z = 0
-        for br in stage.branches:
+        for j, br in enumerate(stage.branches):
             v = post[br.source]
             if br.pool is not None:
                 idx = run._pool(br)[1]
                 v = v.flatten(2).gather(2, idx.flatten(2)).view_as(idx)
-            z = z + br.forward(v)
+            z = z + (br.frozen_forward(run.frozen[i, j], v) if br.freeze is not None else br.forward(v))
         post[stage.target] = z * _gate(stage.act, run.pre[stage.target]) if stage.act is not None else z
     head, v0 = graph.head, run.post[graph.head.source]
     with torch.enable_grad():
@@ -266,6 +267,8 @@ def _apop(graph: SRDGraph, run: SRDRun, xp: torch.Tensor) -> torch.Tensor:
     for m in head.mlp:
         if isinstance(m, (nn.Linear, nn.Dropout, nn.Identity, nn.Flatten)):
             f, a = _apply_head_module(m, f), _apply_head_module(m, a)
+        elif hasattr(m, "frozen_apply"):  # e.g. a LayerNorm with x's σ
+            f, a = m.frozen_apply(a, f), m(a)
         else:
             f, a = f * _gate(m, a), m(a)
     return f

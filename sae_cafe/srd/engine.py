@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NonFiniteError
-from .graph import Branch, Head, SRDGraph
+from .graph import Branch, FrozenAffine, Head, SRDGraph
 from .rules import branch_mu, make_scatter
 
 
@@ -30,12 +30,18 @@ class SRDRun:
         self.pre: dict[str, torch.Tensor] = {}
         self.out: dict[tuple[int, int], torch.Tensor] = {}
         self.pooled: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
+        self.frozen: dict[tuple[int, int], FrozenAffine] = {}  # input-dependent affine branches (Branch.freeze)
         self._mu: dict[int, list[torch.Tensor]] = {}
         self.n_stages = len(graph.stages)
         for i, stage in enumerate(graph.stages):
             z = None
             for j, br in enumerate(stage.branches):
-                out = br.forward(self._pool(br)[0] if br.pool is not None else self.post[br.source])
+                u = self._pool(br)[0] if br.pool is not None else self.post[br.source]
+                if br.freeze is not None:
+                    self.frozen[i, j] = rec = br.freeze(u)
+                    out = rec.out
+                else:
+                    out = br.forward(u)
                 self.out[i, j] = out
                 z = out if z is None else z + out
             if not torch.isfinite(z.sum()):  # one reduction: NaN/inf anywhere propagates into the sum
@@ -61,7 +67,11 @@ class SRDRun:
             mus = []
             for j, br in enumerate(stage.branches):
                 pooled, idx = self._pool(br) if br.pool is not None else (None, None)
-                mus.append(branch_mu(br, self.post[br.source], z, self.out[i, j], pooled, idx))
+                rec = self.frozen.get((i, j))
+                if rec is None:
+                    mus.append(branch_mu(br, self.post[br.source], z, self.out[i, j], pooled, idx))
+                else:
+                    mus.append(_frozen_mu(br, rec, z, self.out[i, j]))
             self._mu[i] = mus
         return self._mu[i]
 
@@ -147,6 +157,22 @@ class SRDRun:
         return chan + bias
 
 
+def _frozen_mu(br: Branch, rec: FrozenAffine, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """μ of a branch ``z_b = s_q·conv(u)_q + b_q`` with a frozen per-target scale s_q > 0 and bias map b_q.
+
+    Dividing the node by s_q leaves every ratio unchanged: with z' = z/s_q and bias b_q/s_q,
+    (⟨conv_k u, z'⟩ + frac_k⟨b_q/s_q, z'⟩)/‖z'‖² = (s_q⟨conv_k u, z⟩ + frac_k⟨b_q, z⟩)/‖z‖² (frac_k, a ratio of
+    norms at one target, is scale-free), so the ordinary branch rule applies to the conv's input u.
+    """
+    bias = rec.bias
+    if rec.scale is None:
+        return branch_mu(br, rec.source, z, out, None, None, bias_map=bias)
+    if bias is None and br.bias is not None:
+        bias = br.bias.view(1, -1, 1, 1)
+    s = rec.scale
+    return branch_mu(br, rec.source, z / s, out / s, None, None, bias_map=bias / s if bias is not None else None)
+
+
 def _apply_head_module(m: nn.Module, f: torch.Tensor, gate: torch.Tensor | None = None) -> torch.Tensor:
     if isinstance(m, nn.Linear):
         return F.linear(f, m.weight.to(f.dtype), m.bias.to(f.dtype) if m.bias is not None else None)
@@ -162,21 +188,26 @@ def _logits_from(head: Head, f: torch.Tensor) -> torch.Tensor:
 
 
 def _effective_weights(head: Head, f: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """w_eff (N, F): row ``target`` of W_L·diag(g_{L-1})·…·W_1 with the activation gates of this input."""
-    gates, linears, a = [], [], f
+    """w_eff (N, F): row ``target`` of W_L·J_{L-1}·…·W_1 with this input's activation gates diag(act(a)/a) and
+    frozen-statistics maps (modules with ``frozen_vjp``, e.g. a LayerNorm with σ frozen) as the J's."""
+    steps, a, last, n_last = [], f, None, 0
     for m in head.mlp:
         if isinstance(m, nn.Linear):
-            linears.append(m)
-            gates.append(None)
+            last, n_last, weight = m, len(steps), m.weight.to(f.dtype)
+            steps.append(lambda w, W=weight: w @ W)
             a = _apply_head_module(m, a)
-        elif not isinstance(m, (nn.Dropout, nn.Identity, nn.Flatten)):
+        elif isinstance(m, (nn.Dropout, nn.Identity, nn.Flatten)):
+            continue
+        elif hasattr(m, "frozen_vjp"):
+            steps.append(m.frozen_vjp(a))
+            a = m(a)
+        else:
             out = m(a)
             safe = torch.where(a != 0, a, torch.ones_like(a))
-            gates[-1] = torch.where(a != 0, out / safe, torch.zeros_like(a))
+            gate = torch.where(a != 0, out / safe, torch.zeros_like(a))
+            steps.append(lambda w, g=gate: w * g)
             a = out
-    w = linears[-1].weight.to(f.dtype)[target]  # (N, out_{L-1})
-    for lin, gate in zip(reversed(linears[:-1]), reversed(gates[:-1])):
-        if gate is not None:
-            w = w * gate
-        w = w @ lin.weight.to(f.dtype)
+    w = last.weight.to(f.dtype)[target]  # (N, out_{L-1}); what follows the last Linear is not decomposed
+    for step in reversed(steps[:n_last]):
+        w = step(w)
     return w

@@ -7,6 +7,10 @@ post-activation map: ``z = Σ_branches conv(pool(v_src)) + bias``. The node's po
 
 Family adapters build this graph (BatchNorm folded into the conv, residual adds as extra branches,
 max-pools attached to the branch that consumes them); the SRD rules only see these records.
+
+Input-dependent affine maps (a LayerNorm with its per-position σ frozen, like a ReLU mask) enter through
+:attr:`Branch.freeze`: for one batch it returns a :class:`FrozenAffine` record (per-position scale and bias,
+the conv's input), so the SRD rules stay linear-algebra on fixed weights.
 """
 
 from __future__ import annotations
@@ -52,7 +56,13 @@ class MaxPoolSpec:
 
 @dataclass
 class ConvSpec:
-    """A bias-free convolution (conv with folded BN scale; avg-pool; flatten + linear)."""
+    """A bias-free convolution (conv with folded BN scale; avg-pool; flatten + linear).
+
+    ``post`` (C_out', C_out), when given, is a fixed matrix applied to every output PFV after a *depthwise*
+    conv (a depthwise conv followed by a pointwise linear map, e.g. ConvNeXt's 7×7 depthwise conv →
+    LayerNorm centring → Linear): the paths stay the depthwise conv's kernel offsets, and the rule in
+    :mod:`sae_cafe.srd.rules_post` never materialises the dense C_out'×C_in×k×k kernel.
+    """
 
     weight: torch.Tensor  # (C_out, C_in / groups, kh, kw)
     stride: tuple[int, int] = (1, 1)
@@ -60,6 +70,8 @@ class ConvSpec:
     dilation: tuple[int, int] = (1, 1)
     groups: int = 1
     name: str = "conv"
+    post: torch.Tensor | None = None  # (C_out', C_out)
+    _post_gram: torch.Tensor | None = field(default=None, repr=False, compare=False)
 
     @property
     def kernel(self) -> tuple[int, int]:
@@ -70,7 +82,39 @@ class ConvSpec:
         return self.weight.shape[2] * self.weight.shape[3]
 
     def __call__(self, v: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(v, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        out = F.conv2d(v, self.weight, None, self.stride, self.padding, self.dilation, self.groups)
+        return out if self.post is None else F.conv2d(out, self.post[:, :, None, None])
+
+    def post_gram(self) -> torch.Tensor:
+        """postᵀ·post (C_out, C_out), computed once per graph (the norms ‖post·u‖² = uᵀ(postᵀpost)u)."""
+        if self._post_gram is None:
+            self._post_gram = self.post.T @ self.post
+        return self._post_gram
+
+
+@dataclass
+class FrozenAffine:
+    """One batch's frozen statistics of a branch: ``out = scale · conv(source) + bias``, ``source =
+    transform(v)``, with v the branch's source map.
+
+    Like a ReLU mask, the statistics (e.g. a LayerNorm's σ per position) are fixed for this input: they are
+    a constant of the affine map SRD decomposes, relevance never flows into them, and ``apop_forward``
+    reuses them for another input.
+
+    Attributes:
+        out: the branch output (N, C_out, h', w'), computed with the model's own ops.
+        source: the conv's input (N, C_in, H, W); contributions are owned by its positions.
+        scale: (N, 1, h', w') per-target factor after the conv (a LayerNorm after it), or None.
+        bias: (N, C_out, h', w') per-target bias, or None for the branch's constant ``bias``.
+        transform: the frozen per-position linear map from any source map to the conv input (a LayerNorm
+            before the conv, its shift moved into the bias), or None (identity).
+    """
+
+    out: torch.Tensor
+    source: torch.Tensor
+    scale: torch.Tensor | None = None
+    bias: torch.Tensor | None = None
+    transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
 
 @dataclass
@@ -82,6 +126,16 @@ class Branch:
     pool: MaxPoolSpec | None = None
     bias: torch.Tensor | None = None  # (C_out,), shared among this branch's contributions by norm
     exact: Callable[[torch.Tensor], torch.Tensor] | None = None  # the model's own ops (conv, then BN)
+    freeze: Callable[[torch.Tensor], FrozenAffine] | None = None  # input-dependent affine map (no pool)
+
+    def frozen_forward(self, rec: FrozenAffine, u: torch.Tensor) -> torch.Tensor:
+        """The branch applied to another source map ``u`` with the statistics frozen in ``rec`` (APOP)."""
+        t = rec.transform(u) if rec.transform is not None else u
+        out = self.conv(t) if self.conv is not None else t
+        if rec.scale is not None:
+            out = out * rec.scale
+        bias = rec.bias if rec.bias is not None else (self.bias.view(1, -1, 1, 1) if self.bias is not None else None)
+        return out + bias if bias is not None else out
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:
         """The branch output with bias, computed with the model's own ops when known, so that float32
@@ -103,7 +157,8 @@ class Stage:
 
 @dataclass
 class Head:
-    """Top node → logits: ``mlp(flatten(pool(v)))``; ``mlp`` a gated-linear chain of Linear/act/dropout."""
+    """Top node → logits: ``mlp(flatten(pool(v)))``; ``mlp`` a gated-linear chain of Linear/act/dropout
+    and modules that are linear given frozen statistics of their input (:class:`FrozenLayerNorm`)."""
 
     source: str
     pool: Callable[[torch.Tensor], torch.Tensor]  # (N, C, h, w) -> (N, C, hc, wc); linear given its indices
@@ -123,6 +178,54 @@ class SRDGraph:
             if s.target == node:
                 return i
         raise KeyError(node)
+
+
+class FrozenLayerNorm(nn.Module):
+    """LayerNorm over the features of (N, C) vectors, which SRD treats as affine with σ frozen.
+
+    ``LN(a) = γ ⊙ (a − mean a)/σ(a) + β``: with σ fixed to its value on this input, the centring stays a
+    linear projection and only β is a bias. ``frozen_vjp(a)`` gives wᵀ·∂LN/∂a at frozen σ and
+    ``frozen_apply(a, f)`` applies a's frozen map to another input f (APOP).
+    """
+
+    def __init__(self, weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float):
+        super().__init__()
+        self.weight, self.bias, self.eps = weight, bias, eps
+
+    def forward(self, a: torch.Tensor) -> torch.Tensor:
+        return F.layer_norm(a, a.shape[-1:], self.weight, self.bias, self.eps)
+
+    def _inv_sigma(self, a: torch.Tensor) -> torch.Tensor:
+        return torch.rsqrt(a.var(-1, unbiased=False, keepdim=True) + self.eps)
+
+    def frozen_apply(self, a: torch.Tensor, f: torch.Tensor) -> torch.Tensor:
+        out = (f - f.mean(-1, keepdim=True)) * self._inv_sigma(a)
+        out = out * self.weight if self.weight is not None else out
+        return out + self.bias if self.bias is not None else out
+
+    def frozen_vjp(self, a: torch.Tensor) -> Callable[[torch.Tensor], torch.Tensor]:
+        s = self._inv_sigma(a)
+
+        def vjp(w: torch.Tensor) -> torch.Tensor:
+            w = w * self.weight if self.weight is not None else w
+            return (w - w.mean(-1, keepdim=True)) * s
+        return vjp
+
+
+def layer_norm_params(ln: nn.LayerNorm, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """γ, β (ones/zeros when the LayerNorm has no affine parameters) and ε, cast to ``dtype``."""
+    C = ln.normalized_shape[-1]
+    if len(ln.normalized_shape) != 1:
+        raise UnsupportedModuleError(f"LayerNorm over {tuple(ln.normalized_shape)} has no SRD rule (expected "
+                                     "normalisation over the channels only)")
+    gamma = ln.weight.detach().to(dtype) if ln.weight is not None else torch.ones(C, dtype=dtype)
+    beta = ln.bias.detach().to(dtype) if getattr(ln, "bias", None) is not None else torch.zeros(C, dtype=dtype)
+    return gamma, beta, float(ln.eps)
+
+
+def channel_inv_sigma(y: torch.Tensor, eps: float) -> torch.Tensor:
+    """1/σ over the channels of (N, C, h, w) at every position, (N, 1, h, w) — a LayerNorm's frozen scale."""
+    return torch.rsqrt(y.var(1, unbiased=False, keepdim=True) + eps)
 
 
 def fold_bn(weight: torch.Tensor, bias: torch.Tensor | None, bn: nn.BatchNorm2d | None,

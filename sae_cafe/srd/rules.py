@@ -101,29 +101,6 @@ def _path_sources(branch: Branch, v: torch.Tensor, pooled: torch.Tensor | None, 
         yield pooled * (offsets == o), _unfold(valid_o, *geo)
 
 
-def _dots_norms_shift(conv, src: torch.Tensor, z: torch.Tensor, need_norm: bool, chunk: int
-                      ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Stride-1 dense conv: Y_k = W_k u for all k by one 1×1 convolution over the source map, then the
-    contribution of offset k to target q is Y_k read at the shifted source position q + k·d − π."""
-    (kh, kw), (ph, pw), (dh, dw) = conv.kernel, conv.padding, conv.dilation
-    N, cout, h, w = z.shape
-    K = kh * kw
-    w1 = conv.weight.permute(2, 3, 0, 1).reshape(K * cout, -1, 1, 1)  # offset-major stacked 1×1 kernels
-    dots, norms = [], []
-    for k0 in range(0, K, chunk):
-        k1 = min(K, k0 + chunk)
-        y = F.conv2d(src, w1[k0 * cout:k1 * cout])
-        y = F.pad(y, (pw, pw, ph, ph)) if ph or pw else y
-        for j, k in enumerate(range(k0, k1)):
-            a, b = divmod(k, kw)
-            yk = y[:, j * cout:(j + 1) * cout, a * dh:a * dh + h, b * dw:b * dw + w]
-            dots.append(torch.linalg.vecdot(yk, z, dim=1))
-            if need_norm:
-                norms.append(_safe_sqrt(torch.linalg.vecdot(yk, yk, dim=1)))
-    dot = torch.stack(dots, 1).flatten(2)
-    return dot, (torch.stack(norms, 1).flatten(2) if need_norm else None)
-
-
 def _path_outputs(branch: Branch, src: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
     """Bias-free contribution vectors (N, k, C_out, L) for chunks of kernel offsets, from (N, C_in, K, L)."""
     conv = branch.conv
@@ -140,34 +117,88 @@ def _path_outputs(branch: Branch, src: torch.Tensor, chunk: int) -> Iterator[tor
         yield out.reshape(N, out.shape[1], cout, L)
 
 
-def _gram_wz(conv, z: torch.Tensor) -> torch.Tensor:
-    """W_kᵀ z for every offset k: (N, K, C_in, L); shared by all pool offsets of a branch."""
-    w = conv.weight.reshape(conv.weight.shape[0], conv.weight.shape[1], -1).permute(2, 1, 0)  # (K, cin, cout)
-    return torch.matmul(w, z.flatten(2).unsqueeze(1))
+class DenseConvPaths:
+    """Per-path dot ⟨W_k u(s), z(q)⟩ and norm ‖W_k u(s)‖ of a dense (groups = 1) convolution, any stride,
+    padding and dilation, computed channels-last in bands of target rows: per band, one GEMM over the band's
+    (padded) source rows for all kernel offsets, then strided views per offset (no unfold; the band stays in
+    cache between the GEMM and the reductions). Two modes:
 
+    - ``gram`` (C_in < C_out): dot via W_kᵀz (one GEMM over the target grid, shared by all pool offsets),
+      norm² = uᵀ (W_kᵀ W_k) u (C_in outputs per offset);
+    - ``direct``: y_k = W_k u at every source position (C_out outputs per offset); dot and norm read from y.
+    """
 
-def _dots_norms_gram(branch: Branch, src: torch.Tensor, wz: torch.Tensor, need_norm: bool
-                     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """dot (N, K, L) = ⟨W_k u, z⟩ = ⟨u, W_kᵀ z⟩ and ‖W_k u‖² = uᵀ (W_kᵀ W_k) u, cheap when C_in ≪ C_out."""
-    conv = branch.conv
-    N, cin, K, L = src.shape
-    w = conv.weight.reshape(conv.weight.shape[0], cin, K).permute(2, 1, 0)  # (K, cin, cout)
-    u = src.permute(0, 2, 1, 3)  # (N, K, cin, L)
-    dot = (wz * u).sum(2)
-    if not need_norm:
-        return dot, None
-    gram = torch.matmul(w, w.transpose(1, 2))  # (K, cin, cin)
-    norm = _safe_sqrt((torch.matmul(gram, u) * u).sum(2).clamp_min(0))
-    return dot, norm
+    def __init__(self, conv, z: torch.Tensor, need_norm: bool, band_bytes: int = 1 << 23):
+        self.conv, self.need_norm, self.band_bytes = conv, need_norm, band_bytes
+        w = conv.weight  # (cout, cin, kh, kw)
+        self.cout, self.cin = w.shape[0], w.shape[1]
+        self.K = conv.kernel[0] * conv.kernel[1]
+        self.h, self.w = z.shape[-2:]
+        self.z_cl = z.permute(0, 2, 3, 1).contiguous()  # (N, h, w, cout)
+        wk = w.permute(2, 3, 1, 0).reshape(self.K, self.cin, self.cout)  # (K, cin, cout): W_kᵀ
+        self.gram = self.cin < self.cout
+        if self.gram:
+            wt = wk.permute(2, 0, 1).reshape(self.cout, self.K * self.cin)
+            self.wz = (self.z_cl.view(-1, self.cout) @ wt).view(*self.z_cl.shape[:3], self.K, self.cin)
+            g = torch.matmul(wk, wk.transpose(1, 2))  # (K, cin, cin) = W_kᵀ W_k
+            self.mat = g.permute(1, 0, 2).reshape(self.cin, self.K * self.cin)
+            self.width = self.cin
+        else:
+            self.mat = wk.permute(1, 0, 2).reshape(self.cin, self.K * self.cout)  # (cin, K·cout)
+            self.width = self.cout
+
+    def _at(self, t: torch.Tensor, k: int, rows: int) -> torch.Tensor:
+        """(N, Hs, Ws, ...) source rows of a band → (N, rows, w, ...) read at offset k of every target."""
+        (_, kw), (sh, sw), (dh, dw) = self.conv.kernel, self.conv.stride, self.conv.dilation
+        a, b = divmod(k, kw)
+        return t[:, a * dh:a * dh + sh * (rows - 1) + 1:sh, b * dw:b * dw + sw * (self.w - 1) + 1:sw]
+
+    def __call__(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """src (N, C_in, H, W) → dot (N, K, h·w), norm (N, K, h·w) or None."""
+        (kh, _), (sh, _), (dh, _) = self.conv.kernel, self.conv.stride, self.conv.dilation
+        ph, pw = self.conv.padding
+        u = F.pad(src, (pw, pw, ph, ph)) if ph or pw else src
+        u = u.permute(0, 2, 3, 1).contiguous()  # (N, Hp, Wp, cin)
+        N, _, Wp, _ = u.shape
+        if self.gram and not self.need_norm:
+            dot = torch.stack([torch.linalg.vecdot(self._at(u, k, self.h), self.wz[:, :, :, k])
+                               for k in range(self.K)], 1)
+            return dot.flatten(2), None
+        row_bytes = N * Wp * sh * self.K * self.width * u.element_size()
+        band = max(1, min(self.h, self.band_bytes // max(row_bytes, 1)))
+        dots, norms = [], []
+        for t0 in range(0, self.h, band):
+            rows = min(self.h, t0 + band) - t0
+            ub = u[:, t0 * sh:(t0 + rows - 1) * sh + (kh - 1) * dh + 1]
+            y = (ub.reshape(-1, self.cin) @ self.mat).view(*ub.shape[:3], self.K, self.width)
+            if self.gram:
+                dots.append(torch.stack([torch.linalg.vecdot(self._at(ub, k, rows), self.wz[:, t0:t0 + rows, :, k])
+                                         for k in range(self.K)], 1))
+                nrm = _safe_sqrt(torch.linalg.vecdot(y, ub.unsqueeze(3)).clamp_min(0))  # √(uᵀ G_k u)
+            else:
+                zb = self.z_cl[:, t0:t0 + rows]
+                dots.append(torch.stack([(self._at(y, k, rows)[:, :, :, k] * zb).sum(-1)
+                                         for k in range(self.K)], 1))
+                nrm = torch.linalg.vector_norm(y, dim=-1) if self.need_norm else None  # fused, grad 0 at 0
+            if self.need_norm:
+                norms.append(torch.stack([self._at(nrm, k, rows)[..., k] for k in range(self.K)], 1))
+        dot = torch.cat(dots, 2).flatten(2)
+        return dot, (torch.cat(norms, 2).flatten(2) if self.need_norm else None)
 
 
 def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tensor,
-              pooled: torch.Tensor | None, idx: torch.Tensor | None, max_bytes: int = 1 << 28) -> torch.Tensor:
+              pooled: torch.Tensor | None, idx: torch.Tensor | None, max_bytes: int = 1 << 28,
+              bias_map: torch.Tensor | None = None) -> torch.Tensor:
     """Sharing ratios (N, J, h', w') of the branch's paths into node ``z`` (N, C, h', w').
 
     ``out`` is the branch's output (with bias), ``pooled``/``idx`` its max-pool output and stored indices.
-    Path j = o·K + k. Memory is bounded by ``max_bytes`` per chunk of kernel offsets.
+    ``bias_map`` (N, C, h', w'), when given, replaces ``branch.bias`` by a per-position bias (input-dependent
+    affine maps such as a LayerNorm with frozen statistics). Path j = o·K + k. Memory is bounded by
+    ``max_bytes`` per chunk of kernel offsets.
     """
+    if branch.conv is not None and branch.conv.post is not None:  # depthwise conv + fixed matrix
+        from .rules_post import post_branch_mu
+        return post_branch_mu(branch, v, z, bias_map, max_bytes)
     zz = (z * z).sum(1)
     inv = torch.where(zz > 0, 1.0 / torch.where(zz > 0, zz, torch.ones_like(zz)), torch.zeros_like(zz))
     conv, (h, w) = branch.conv, z.shape[-2:]
@@ -177,16 +208,16 @@ def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tenso
     zf = z.flatten(2).unsqueeze(1)  # (N, 1, C_out, L)
     per_offset = z.shape[0] * z.shape[1] * h * w * z.element_size()
     chunk = max(1, max_bytes // max(per_offset, 1))
-    need_norm = branch.bias is not None
-    gram = conv is not None and conv.groups == 1 and 2 * conv.weight.shape[1] <= conv.weight.shape[0]
-    shift = conv is not None and conv.groups == 1 and conv.stride == (1, 1) and not gram
-    wz = _gram_wz(conv, z) if gram else None
+    need_norm = branch.bias is not None or bias_map is not None
+    # dense convs: channels-last bands (strided convs with C_in ≥ C_out are cheaper unfolded: y would be
+    # computed at s² times as many source positions as there are targets)
+    dense = (DenseConvPaths(conv, z, need_norm) if conv is not None and conv.groups == 1
+             and (conv.stride == (1, 1) or conv.weight.shape[1] < conv.weight.shape[0]) else None)
     dots, norms, valids = [], [], []
     for src_map, valid in _path_sources(branch, v, pooled, idx):
         valids.append(valid[:, 0])
-        if shift or gram:
-            dot, norm = (_dots_norms_shift(conv, src_map, z, need_norm, chunk) if shift else
-                         _dots_norms_gram(branch, _unfold(src_map, *_geometry(branch)), wz, need_norm))
+        if dense is not None:
+            dot, norm = dense(src_map)
             dots.append(dot)
             norms.append(norm)
             continue
@@ -197,7 +228,7 @@ def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tenso
     dot = torch.cat(dots, 1).view(z.shape[0], -1, h, w)
     if not need_norm:
         return dot * inv.unsqueeze(1)
-    bz = (branch.bias.view(1, -1, 1, 1) * z).sum(1)
+    bz = ((bias_map if bias_map is not None else branch.bias.view(1, -1, 1, 1)) * z).sum(1)
     norm = torch.cat(norms, 1).view_as(dot)
     total = norm.sum(1, keepdim=True)
     frac = norm / torch.where(total > 0, total, torch.ones_like(total))

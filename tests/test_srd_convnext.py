@@ -1,0 +1,179 @@
+"""SRD on torchvision ConvNeXt: LayerNorm2d/LayerNorm with frozen σ, depthwise 7×7 conv + Linear (a fixed post
+matrix), layer scale, LayerNorm + 2×2 downsampling, LayerNorm head — against an explicit float64 reference and
+the conservation identities."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from srd_slow_reference import reference_convnext_saliency
+from torch import nn
+from torchvision.models.convnext import CNBlockConfig, ConvNeXt
+
+from sae_cafe.errors import UnsupportedModuleError
+from sae_cafe.models import get_adapter, load_model
+from sae_cafe.models.mobile import ConvNeXtAdapter
+from sae_cafe.srd import (
+    apop_forward,
+    srd_diagnostics,
+    srd_ierf,
+    srd_ierf_from_relevance,
+    srd_relevance,
+    srd_saliency,
+)
+from sae_cafe.srd.api import get_graph
+from sae_cafe.srd.engine import SRDRun
+
+F64 = torch.float64
+
+
+def randomize(model: nn.Module, seed: int, fan_in_weights: bool) -> nn.Module:
+    """Random LayerNorm affine parameters, biases and layer scales (torchvision initialises the biases to 0
+    and the layer scale to 1e-6, which would leave most of the rules untested)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, nn.LayerNorm):  # LayerNorm2d too
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.6 - 0.3)
+            elif isinstance(m, (nn.Conv2d, nn.Linear)):
+                if fan_in_weights:
+                    m.weight.copy_(torch.randn(m.weight.shape, generator=g) / m.weight[0].numel() ** 0.5)
+                m.bias.copy_(torch.rand(m.bias.shape, generator=g) * 0.4 - 0.2)
+            if hasattr(m, "layer_scale"):
+                m.layer_scale.copy_(torch.rand(m.layer_scale.shape, generator=g) * 2 - 1)
+    return model.eval()
+
+
+def tiny_convnext(seed: int = 0) -> nn.Module:
+    """Stem 4×4/4, two CNBlocks (C = 8), LayerNorm2d + 2×2/2 downsampling, one CNBlock (C = 16), LN head."""
+    torch.manual_seed(seed)
+    return randomize(ConvNeXt([CNBlockConfig(8, 16, 2), CNBlockConfig(16, None, 1)], num_classes=5), seed, True)
+
+
+@pytest.fixture(scope="module")
+def tiny64() -> nn.Module:
+    return tiny_convnext().double()
+
+
+@pytest.fixture(scope="module")
+def convnext_tiny() -> ConvNeXtAdapter:
+    torch.manual_seed(3)
+    adapter = load_model("convnext_tiny", num_classes=10)
+    randomize(adapter.model, 3, False)
+    return adapter
+
+
+def test_matches_explicit_float64_reference(tiny64):
+    x = torch.randn(2, 3, 24, 24, dtype=F64, generator=torch.Generator().manual_seed(1))
+    target = 3
+    refs = [reference_convnext_saliency(tiny64, x[n], target) for n in range(2)]  # also checks Σc = z exactly
+    for contrast in ("none", "mean"):
+        ours = srd_saliency(tiny64, x, target, contrast=contrast, dtype=F64)
+        hidden = srd_relevance(tiny64, x, target, ["features.0", "features.1.0", "features.2"], contrast=contrast,
+                               dtype=F64)
+        for n in range(2):
+            ref, seen = refs[n][contrast]
+            scale = float(ref.abs().max())
+            assert torch.allclose(ours[n], ref, rtol=0, atol=1e-10 * scale), (contrast, n)
+            for layer in hidden:
+                assert torch.allclose(hidden[layer][n], seen[layer], rtol=0, atol=1e-10 * scale), (contrast, layer)
+    assert torch.allclose(ours.sum((1, 2)), torch.zeros(2, dtype=F64), atol=1e-12)
+
+
+def test_conservation_float64(tiny64):
+    x = torch.randn(2, 3, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(2))
+    adapter = get_adapter(tiny64)
+    with torch.no_grad():
+        ref = tiny64(x)
+        logits = SRDRun(get_graph(adapter, x, F64), x).logits()
+    assert torch.allclose(logits, ref, rtol=1e-12, atol=1e-12 * float(ref.abs().max()))  # graph forward == model(x)
+    assert float((ref[0] - ref[1]).abs().max()) > 1e-3 * float(ref.abs().max())  # images are told apart
+    target = ref.argmax(1)
+    picked = ref.gather(1, target[:, None])[:, 0]
+    maps = srd_saliency(tiny64, x, target, contrast="none", dtype=F64)
+    assert torch.allclose(maps.sum((1, 2)), picked, rtol=1e-10, atol=1e-12)
+    diag = srd_diagnostics(tiny64, x, target)
+    assert max(diag["mu_sum_error"].values()) < 1e-12
+    assert "features.1.0.block.4" in diag["mu_sum_error"] and "features.2" in diag["mu_sum_error"]
+    assert max(diag["conservation_delta"].values()) < 1e-12 * float(ref.abs().max())
+    layers = adapter._pfv_layer_names()
+    assert layers == ["features.0", "features.1", "features.1.0", "features.1.1", "features.2", "features.3",
+                      "features.3.0"]
+    rel = srd_relevance(tiny64, x, target, layers, contrast="none", dtype=F64)
+    for layer in layers:
+        assert torch.allclose(rel[layer].sum((1, 2)), picked, rtol=1e-10, atol=1e-12), layer
+        ierf = srd_ierf(tiny64, x, layer, (1, 0), dtype=F64)
+        assert torch.allclose(ierf.sum((1, 2)), torch.ones(2, dtype=F64), atol=1e-12), layer
+
+
+def test_apop_differentiable_and_untouched():
+    model = tiny_convnext(1)
+    state = copy.deepcopy(model.state_dict())
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        ref = model(x)
+    assert torch.allclose(apop_forward(model, x, x), ref, atol=1e-5, rtol=1e-5)
+    # frozen σ, GELU gates: the logits are affine in the second input
+    x1, x2 = torch.randn(2, *x.shape, generator=torch.Generator().manual_seed(5))
+    mix = apop_forward(model, x, 0.3 * x1 + 0.7 * x2)
+    assert torch.allclose(mix, 0.3 * apop_forward(model, x, x1) + 0.7 * apop_forward(model, x, x2), atol=1e-4)
+    xg = x.clone().requires_grad_(True)
+    maps = srd_saliency(model, xg, 2, differentiable=True)
+    assert torch.allclose(maps.detach(), srd_saliency(model, x, 2), atol=1e-6)
+    (maps * torch.randn_like(maps)).sum().backward()
+    assert torch.isfinite(xg.grad).all() and xg.grad.abs().sum() > 0
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, state[k]), k
+
+
+def test_convnext_tiny_float32(convnext_tiny):
+    model = convnext_tiny.model
+    x = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        logits = model(x)
+    assert float((logits[0] - logits[1]).abs().max()) > 1e-3 * float(logits.abs().max())
+    target = torch.tensor([1, 7])
+    picked = logits.gather(1, target[:, None])[:, 0]
+    scale = float(logits.abs().max())
+    maps = srd_saliency(model, x, target, contrast="none")
+    assert maps.shape == (2, 64, 64) and maps.dtype == torch.float32
+    assert float((maps.sum((1, 2)) - picked).abs().max()) <= 1e-5 * scale
+    contrast = srd_saliency(model, x, target)
+    assert float(contrast.sum((1, 2)).abs().max()) <= 1e-5 * scale
+    one = srd_saliency(model, x[1:], 7)  # batched == per image
+    assert torch.allclose(contrast[1], one[0], atol=1e-5 * float(one.abs().max()))
+    # iERFs at a hidden block: one-hot seeds, many seeds at once == single calls
+    h, w = convnext_tiny.capture(x, ["features.3.1"])["features.3.1"].shape[-2:]
+    assert (h, w) == (8, 8)
+    seeds = torch.zeros(2, 2, h, w)
+    seeds[:, 0, 2, 3] = 1.0
+    seeds[:, 1, h - 1, 0] = 1.0
+    many = srd_ierf_from_relevance(model, x, "features.3.1", seeds)
+    assert torch.allclose(many.sum((-2, -1)), torch.ones(2, 2), atol=1e-5)
+    assert torch.allclose(many[:, 0], srd_ierf(model, x, "features.3.1", (2, 3)), atol=1e-7)
+
+
+def test_adapter_layers(convnext_tiny):
+    from sae_cafe.models.registry import make_adapter
+
+    assert isinstance(make_adapter(tiny_convnext()), ConvNeXtAdapter)
+    adapter = get_adapter(convnext_tiny.model)
+    assert adapter is convnext_tiny and adapter.family == "convnext"
+    info = adapter.layers()
+    assert info["features.0"].grid == (56, 56) and info["features.0"].channels == 96
+    assert info["features.1.2"].channels == 96 and info["features.5.8"].grid == (14, 14)
+    assert info["features.7.2"].channels == 768 and info["features.7"].grid == (7, 7)
+
+
+def test_unsupported_variants_are_named():
+    model = tiny_convnext(2)
+    model.features[1][1].block[4] = nn.Softplus()
+    with pytest.raises(UnsupportedModuleError, match=r"features\.1\.1: CNBlock layout"):
+        srd_saliency(model, torch.randn(1, 3, 32, 32), 0)
+    model = tiny_convnext(2)
+    model.features[2][1].padding = (1, 1)
+    with pytest.raises(UnsupportedModuleError, match=r"features\.2\.1: a padded conv"):
+        srd_saliency(model, torch.randn(1, 3, 32, 32), 0)
