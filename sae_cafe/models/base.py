@@ -23,6 +23,18 @@ IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
+@contextlib.contextmanager
+def eval_mode(model: nn.Module) -> Iterator[None]:
+    """Every submodule in eval mode for the block; the previous train/eval flags restored afterwards."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        model.eval()
+        yield
+    finally:
+        for m, t in modes.items():
+            m.training = t
+
+
 @dataclass(frozen=True)
 class LayerInfo:
     """A PFV layer: ``name`` is the module path; grid/stride are for the adapter's input size."""

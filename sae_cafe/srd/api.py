@@ -8,15 +8,15 @@ and with frozen parameters. Maps are float32 (``dtype=torch.float64`` on request
 
 from __future__ import annotations
 
-import contextlib
 import weakref
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
 
 from ..errors import MismatchError, NonFiniteError, SaeCafeError, UnsupportedModuleError
 from ..models import ModelAdapter, get_adapter
+from ..models.base import eval_mode
 from .engine import SRDRun, _apply_head_module
 from .graph import SRDGraph
 
@@ -30,17 +30,6 @@ def _signature(model: nn.Module) -> tuple:
                  for t in (*model.parameters(), *model.buffers()))
 
 
-@contextlib.contextmanager
-def _eval_mode(model: nn.Module) -> Iterator[None]:
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, t in modes.items():
-            m.training = t
-
-
 def get_graph(adapter: ModelAdapter, x: torch.Tensor, dtype: torch.dtype) -> SRDGraph:
     """The (cached) stage graph; checked once against ``model(x)`` whenever it is (re)built."""
     if not hasattr(adapter, "srd_graph"):
@@ -48,7 +37,7 @@ def get_graph(adapter: ModelAdapter, x: torch.Tensor, dtype: torch.dtype) -> SRD
     cache = _GRAPHS.setdefault(adapter.model, {})
     sig = _signature(adapter.model)
     if dtype not in cache or cache[dtype][0] != sig:
-        with torch.no_grad(), _eval_mode(adapter.model):
+        with torch.no_grad(), eval_mode(adapter.model):
             graph = adapter.srd_graph(dtype)
             _verify(adapter, graph, x[:2])
         cache[dtype] = (sig, graph)

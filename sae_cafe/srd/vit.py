@@ -44,7 +44,6 @@ timm ``VisionTransformer`` / DeiT). method_spec §2.4 made exact; the choices wh
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import weakref
 
@@ -52,6 +51,7 @@ import torch
 from torch import Tensor
 
 from ..errors import MismatchError, NonFiniteError, SaeCafeError, UnsupportedModuleError
+from ..models.base import eval_mode
 from .vit_model import Spec, check_input, make_spec, run
 from .vit_share import block_share, class_relevance, pixel_share
 
@@ -125,20 +125,9 @@ def _signature(model: torch.nn.Module) -> tuple:
                                                                                *model.buffers()))
 
 
-@contextlib.contextmanager
-def _eval_mode(model: torch.nn.Module):
-    modes = {m: m.training for m in model.modules()}
-    try:
-        model.eval()
-        yield
-    finally:
-        for m, t in modes.items():
-            m.training = t
-
-
 def _verify(spec: Spec, model: torch.nn.Module, x: Tensor) -> None:
     """The functional forward must reproduce ``model(x)`` (fused attention hides the probabilities)."""
-    with torch.no_grad(), _eval_mode(model):
+    with torch.no_grad(), eval_mode(model):
         ref = model(x)
         ours = run(spec, x).logits
     if not torch.isfinite(ref).all():
