@@ -153,22 +153,67 @@ def temp_stage_path(final: str | Path) -> Path:
     return final.with_name(f".{final.name}.tmp")
 
 
+def is_partial_file(name: str) -> bool:
+    """True for the temporary names of interrupted atomic writes: ``.<name>.tmp*`` and ``.<name>.part``."""
+    return name.startswith(".") and (".tmp" in name or name.endswith(".part"))
+
+
+def clean_partial_files(directory: str | Path) -> list[Path]:
+    """Remove what interrupted atomic writes left in a temporary stage directory (recursively).
+
+    Every writer in sae-cafe writes ``.<name>.tmp<pid>`` / ``.<name>.part`` (a file, or a directory for
+    checkpoints) and renames it into place; a process killed before the rename leaves that temporary
+    behind. Resuming a stage removes them first, so they can neither be mistaken for state nor end up in
+    the published stage. Returns the removed paths.
+    """
+    removed = []
+    directory = Path(directory)
+    if not directory.is_dir():
+        return removed
+    for p in sorted(directory.rglob(".*"), key=lambda q: len(q.parts)):
+        if not is_partial_file(p.name) or not (p.exists() or p.is_symlink()):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+        removed.append(p)
+    return removed
+
+
 def publish_stage(tmp: str | Path, final: str | Path, overwrite: bool = True) -> None:
-    """Rename a finished temporary stage directory into place (the finished one is replaced atomically)."""
+    """Rename a finished temporary stage directory into place (the finished one is replaced atomically).
+
+    Replacing a finished stage takes two renames (``final`` → ``.<name>.old``, ``tmp`` → ``final``); a
+    process killed between them leaves ``tmp`` finished and ``final`` absent, and the next call publishes
+    it. A stale ``.<name>.old`` from such an interruption is removed.
+    """
     tmp, final = Path(tmp), Path(final)
     if not (tmp / MANIFEST).exists():
         raise ArtifactError(f"stage written to {tmp} has no {MANIFEST}; not publishing it")
+    old = final.with_name(f".{final.name}.old")
     if final.exists():
         if not overwrite:
             raise ArtifactError(f"{final} exists; pass overwrite=True or delete it")
-        old = final.with_name(f".{final.name}.old")
         if old.exists():
             shutil.rmtree(old)
         os.replace(final, old)
         os.replace(tmp, final)
-        shutil.rmtree(old)
     else:
         os.replace(tmp, final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def finished_temp_stage(final: str | Path, key_field: str, key: str) -> bool:
+    """True when the temporary stage of ``final`` is finished (valid manifest) with ``manifest[key_field] ==
+    key``: the producing process was killed between writing the manifest and publishing, and publishing it
+    is all that is left to do."""
+    tmp = temp_stage_path(final)
+    try:
+        return read_manifest(tmp).get(key_field) == key
+    except ArtifactError:
+        return False
 
 
 @contextlib.contextmanager
@@ -176,7 +221,9 @@ def stage_dir(final: str | Path, overwrite: bool = True, resume: bool = False) -
     """Write a stage into ``.<name>.tmp`` next to ``final`` and rename it into place on success.
 
     On error the temporary directory is left (for inspection, or to continue from with ``resume=True``)
-    and ``final`` is untouched.
+    and ``final`` is untouched. With ``resume=True`` an existing temporary directory is kept, minus the
+    leftovers of interrupted atomic writes (:func:`clean_partial_files`); the caller decides whether its
+    partial state is for the same inputs.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -184,6 +231,8 @@ def stage_dir(final: str | Path, overwrite: bool = True, resume: bool = False) -
     if tmp.exists() and not resume:
         shutil.rmtree(tmp)
     tmp.mkdir(exist_ok=True)
+    if resume:
+        clean_partial_files(tmp)
     yield tmp
     publish_stage(tmp, final, overwrite)
 

@@ -31,6 +31,9 @@ class ShardDataProvider:
 
     Shards are read in a random order each epoch into a mixing buffer of ``buffer_rows`` rows; the buffer is
     shuffled and half of it is served as batches before it is refilled (as sae-lens's mixing buffer does).
+    The stream is a function of the seed alone: :attr:`served` counts the batches handed out and
+    :meth:`skip` fast-forwards a fresh provider to that point (how a resumed training run continues with the
+    exact batches an uninterrupted run would have seen, without storing the mixing buffer in checkpoints).
 
     Args:
         acts: an acts stage directory or a :class:`ShardReader`.
@@ -57,6 +60,7 @@ class ShardDataProvider:
         if not self.shard_ids:
             raise SaeCafeError(f"no activation shards in image range {image_range} at {self.reader.directory}")
         self.epoch = 0
+        self.served = 0
         self._order: list[int] = []
         self._buf = torch.empty(0, d, dtype=dtype)
         self._iter = self._batches()
@@ -105,11 +109,19 @@ class ShardDataProvider:
             buf = buf[torch.randperm(buf.shape[0], generator=self.gen)]
             serve = max(bs, (buf.shape[0] // 2) // bs * bs)
             for a in range(0, serve, bs):
-                yield buf[a:a + bs].to(self.device, non_blocking=True)
+                yield buf[a:a + bs]
             self._buf = buf[serve:]
+
+    def skip(self, n_batches: int) -> None:
+        """Advance the stream by ``n_batches`` batches without serving them (resume)."""
+        for _ in range(int(n_batches)):
+            next(self._iter)
+        self.served += int(n_batches)
 
     def __iter__(self) -> ShardDataProvider:
         return self
 
     def __next__(self) -> torch.Tensor:
-        return next(self._iter)
+        batch = next(self._iter)
+        self.served += 1
+        return batch.to(self.device, non_blocking=True)

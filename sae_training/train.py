@@ -8,6 +8,7 @@ sae-lens's ``save_inference_model`` so ``sae_lens.SAE.load_from_disk`` loads it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -23,7 +24,16 @@ from tqdm.auto import tqdm
 
 from sae_cafe.activations import ShardReader
 from sae_cafe.activations.extract import dataset_hash
-from sae_cafe.artifacts import MANIFEST, atomic_write_json, hash_json, publish_stage, write_manifest
+from sae_cafe.artifacts import (
+    MANIFEST,
+    atomic_write_json,
+    clean_partial_files,
+    finished_temp_stage,
+    hash_json,
+    publish_stage,
+    temp_stage_path,
+    write_manifest,
+)
 from sae_cafe.errors import ArtifactError, SaeCafeError
 
 from .data import ShardDataProvider, holdout_split
@@ -129,8 +139,16 @@ def make_trainer(sae, provider, cfg: SAETrainConfig, total_steps: int):
 
 
 # ----- checkpoints (safetensors + JSON; sae-lens's own trainer state is a torch pickle) -----------------------
-def save_checkpoint(trainer, path: Path, elapsed: float) -> None:
-    """SAE weights (sae-lens ``save_model``), optimiser/scheduler/sparsity state, scaler — no pickles."""
+SCALER = "activation_scaler.json"
+
+
+def save_checkpoint(trainer, path: Path, elapsed: float, extra: dict[str, Any] | None = None) -> None:
+    """SAE weights (sae-lens ``save_model``), optimiser/scheduler/sparsity state, scaler — no pickles.
+
+    Written into ``.<name>.tmp`` and renamed into place, so a checkpoint directory is always complete.
+    ``extra`` (JSON) is stored in ``trainer_state.json`` (the data position and loss history of a run).
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -149,7 +167,9 @@ def save_checkpoint(trainer, path: Path, elapsed: float) -> None:
         "n_frac_active_samples": trainer.n_frac_active_samples,
         "coefficient_schedulers": {n: s.state_dict() for n, s in trainer.coefficient_schedulers.items()},
         "scaling_factor": trainer.activation_scaler.scaling_factor, "elapsed": elapsed,
+        "started_fine_tuning": bool(getattr(trainer, "started_fine_tuning", False)), **(extra or {}),
     }
+    trainer.activation_scaler.save(str(tmp / SCALER))  # JSON (+ whitening safetensors)
     atomic_write_json(tmp / "trainer_state.json", state)
     if path.exists():
         shutil.rmtree(path)
@@ -175,8 +195,18 @@ def load_checkpoint(trainer, path: Path) -> float:
     trainer.n_forward_passes_since_fired = tensors["n_forward_passes_since_fired"]
     for n, s in state["coefficient_schedulers"].items():
         trainer.coefficient_schedulers[n].load_state_dict(s)
-    trainer.activation_scaler.scaling_factor = state["scaling_factor"]
+    if (path / SCALER).exists():
+        trainer.activation_scaler.load(path / SCALER)
+    else:  # checkpoints of earlier versions
+        trainer.activation_scaler.scaling_factor = state["scaling_factor"]
+    if hasattr(trainer, "started_fine_tuning"):
+        trainer.started_fine_tuning = bool(state.get("started_fine_tuning", False))
     return float(state.get("elapsed", 0.0))
+
+
+def read_checkpoint_state(path: Path) -> dict[str, Any]:
+    """The JSON part of a checkpoint (steps, data position, loss history, …)."""
+    return json.loads((path / "trainer_state.json").read_text())
 
 
 def _latest_checkpoint(directory: Path) -> Path | None:
@@ -194,8 +224,14 @@ def default_sae_dir(acts_dir: Path) -> Path:
 
 
 def run_training(trainer, provider, cfg: SAETrainConfig, total_steps: int, ckpt_dir: Path | None,
-                 progress: bool = True, elapsed0: float = 0.0, log_every: int = 50) -> dict[str, Any]:
-    """Drive ``trainer`` until ``total_steps`` or ``cfg.seconds``; returns the loss history and timing."""
+                 progress: bool = True, elapsed0: float = 0.0, log_every: int = 50,
+                 history: list[dict[str, float]] | None = None) -> dict[str, Any]:
+    """Drive ``trainer`` until ``total_steps`` or ``cfg.seconds``; returns the loss history and timing.
+
+    With checkpoints (``cfg.n_checkpoints`` and ``ckpt_dir``) a checkpoint is also saved when the budget is
+    reached, so a run killed while exporting resumes without training again. ``history``: the loss history
+    of the steps before a resumed checkpoint.
+    """
     sae = trainer.sae
     if sae.cfg.normalize_activations == "expected_average_only_in" and \
             trainer.activation_scaler.scaling_factor is None:
@@ -207,7 +243,12 @@ def run_training(trainer, provider, cfg: SAETrainConfig, total_steps: int, ckpt_
             d_in=sae.cfg.d_in, data_provider=provider,
             n_batches_for_norm_estimate=trainer.cfg.n_batches_for_norm_estimate)
     ck_every = max(1, total_steps // (cfg.n_checkpoints + 1)) if cfg.n_checkpoints and ckpt_dir else None
-    history: list[dict[str, float]] = []
+    history = list(history or [])
+
+    def checkpoint(step: int) -> None:
+        save_checkpoint(trainer, ckpt_dir / f"step_{step:08d}", time.perf_counter() - start,
+                        {"provider_batches": int(getattr(provider, "served", -1)), "history": history})
+
     start = time.perf_counter() - elapsed0
     step0 = trainer.n_training_steps
     bar = tqdm(total=total_steps, initial=step0, desc="train SAE", unit="step", disable=not progress)
@@ -231,7 +272,9 @@ def run_training(trainer, provider, cfg: SAETrainConfig, total_steps: int, ckpt_
                 bar.set_postfix(ev=f"{row['explained_variance']:.3f}", l0=f"{row['l0']:.1f}", dead=row["dead"])
             bar.update(1)
             if ck_every and s % ck_every == 0 and s < total_steps:
-                save_checkpoint(trainer, ckpt_dir / f"step_{s:08d}", time.perf_counter() - start)
+                checkpoint(s)
+        if ck_every and trainer.n_training_steps > step0:
+            checkpoint(trainer.n_training_steps)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
@@ -297,49 +340,14 @@ def train_sae(acts_dir: str | Path, out_dir: str | Path | None = None, architect
                      "train_images": list(train_rng), "held_out_images": list(held_rng)},
     }
     key = hash_json({"config": config, "acts": reader.manifest.get("extract_key"), "n": reader.n})
-    tmp = final.with_name(f".{final.name}.tmp")
-    ckpt_dir = tmp / CHECKPOINTS
-    if tmp.exists():
-        same = (tmp / "run_key.json").exists() and json.loads((tmp / "run_key.json").read_text()) == key
-        if not (resume and same):
-            shutil.rmtree(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(tmp / "run_key.json", key)
-
-    sae = make_training_sae(config, reader.d_in, metadata)
-    provider = ShardDataProvider(reader, config.batch_size, image_range=train_rng, seed=config.seed,
-                                 buffer_rows=config.buffer_rows, device=config.device)
-    total_steps = int(config.steps) if config.steps is not None else 10 ** 9 // config.batch_size
-    trainer = make_trainer(sae, provider, config, total_steps)
-    elapsed0 = 0.0
-    latest = _latest_checkpoint(ckpt_dir) if resume else None
-    if latest is not None:
-        elapsed0 = load_checkpoint(trainer, latest)
-        provider.gen.manual_seed(config.seed + trainer.n_training_steps)
-    summary = run_training(trainer, provider, config, total_steps, ckpt_dir, progress, elapsed0)
-    summary["resumed_from_step"] = int(latest.name.split("_")[1]) if latest is not None else None
-    dead_train = int(trainer.dead_neurons.sum())
-    finish_trainer(trainer)
-    sae = trainer.sae
-    sae.cfg.metadata.sae_cafe = {**metadata["sae_cafe"], "architecture": config.architecture}
-    for p in tmp.iterdir():
-        if p.name != CHECKPOINTS:
-            p.unlink() if p.is_file() else shutil.rmtree(p)
-    sae.save_inference_model(str(tmp))
-    if len(summary["history"]) > 200:
-        summary["history"] = summary["history"][:: len(summary["history"]) // 200 + 1]
-    train_metrics = {"architecture": config.architecture, "d_in": reader.d_in, "d_sae": sae.cfg.d_sae,
-                     "k": sae.cfg.k if hasattr(sae.cfg, "k") else None, "dead_during_training": dead_train,
-                     "train_l0_window": sae.cfg.metadata.get("l0"), **summary}
-    atomic_write_json(tmp / "training.json", train_metrics)
-    shutil.rmtree(ckpt_dir, ignore_errors=True)
-    (tmp / "run_key.json").unlink(missing_ok=True)
-    write_manifest(tmp, "saes", config, upstream={"acts": reader.directory}, model=reader.model,
-                   layer=reader.layer, d_in=reader.d_in, d_sae=sae.cfg.d_sae, architecture=config.architecture,
-                   weights_hash=reader.weights_hash, dataset=dataset_name, train_images=list(train_rng),
-                   held_out_images=list(held_rng), sae_lens_files=["cfg.json", "sae_weights.safetensors"],
-                   training={k: v for k, v in train_metrics.items() if k != "history"})
-    publish_stage(tmp, final)
+    tmp = temp_stage_path(final)
+    if resume and finished_temp_stage(final, "run_key", key):  # killed after the manifest, before publishing
+        train_metrics = json.loads((tmp / "training.json").read_text())
+        _publish(tmp, final)
+        sae = None
+    else:
+        sae, train_metrics = _train(reader, final, tmp, config, key, metadata, train_rng, held_rng, dataset_name,
+                                    resume, progress)
     metrics: dict[str, Any] = {"sae_dir": str(final), "training": train_metrics}
     if evaluate:
         from .evaluate import evaluate_sae
@@ -348,5 +356,78 @@ def train_sae(acts_dir: str | Path, out_dir: str | Path | None = None, architect
         metrics["eval"] = evaluate_sae(final, acts=reader.directory, image_range=held, model=model,
                                        images=eval_images, labels=eval_labels, progress=progress)
     if return_sae:
+        if sae is None:
+            from sae_lens import SAE
+
+            sae = SAE.load_from_disk(str(final), device=config.device)
         metrics["sae"] = sae
     return metrics
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    shutil.rmtree(tmp / CHECKPOINTS, ignore_errors=True)
+    (tmp / "run_key.json").unlink(missing_ok=True)
+    publish_stage(tmp, final)
+
+
+def _train(reader: ShardReader, final: Path, tmp: Path, config: SAETrainConfig, key: str,
+           metadata: dict[str, Any], train_rng: tuple[int, int], held_rng: tuple[int, int],
+           dataset_name: str | None, resume: bool, progress: bool):
+    """Train (resuming from the checkpoints in ``tmp``), export into ``tmp`` and publish it as ``final``.
+
+    Kill-safe at every point: the temporary stage keeps ``run_key.json`` and the checkpoints until the
+    manifest is written; a later call resumes from the latest complete checkpoint (the data provider is
+    fast-forwarded to the batch the checkpoint was taken at, so the result equals an uninterrupted run) or,
+    once the manifest exists, only publishes.
+    """
+    ckpt_dir = tmp / CHECKPOINTS
+    if tmp.exists():
+        same = False
+        with contextlib.suppress(OSError, json.JSONDecodeError):
+            same = json.loads((tmp / "run_key.json").read_text()) == key
+        if not (resume and same) or (tmp / MANIFEST).exists():
+            shutil.rmtree(tmp)
+        else:
+            clean_partial_files(tmp)
+    tmp.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(tmp / "run_key.json", key)
+
+    sae = make_training_sae(config, reader.d_in, metadata)
+    provider = ShardDataProvider(reader, config.batch_size, image_range=train_rng, seed=config.seed,
+                                 buffer_rows=config.buffer_rows, device=config.device)
+    total_steps = int(config.steps) if config.steps is not None else 10 ** 9 // config.batch_size
+    trainer = make_trainer(sae, provider, config, total_steps)
+    elapsed0, history = 0.0, []
+    latest = _latest_checkpoint(ckpt_dir) if resume else None
+    if latest is not None:
+        elapsed0 = load_checkpoint(trainer, latest)
+        state = read_checkpoint_state(latest)
+        history = state.get("history", [])
+        if state.get("provider_batches", -1) >= 0:
+            provider.skip(state["provider_batches"])  # continue with the batches an uninterrupted run sees
+        else:  # checkpoint of an earlier version: no data position recorded
+            provider.gen.manual_seed(config.seed + trainer.n_training_steps)
+    summary = run_training(trainer, provider, config, total_steps, ckpt_dir, progress, elapsed0,
+                           history=history)
+    summary["resumed_from_step"] = int(latest.name.split("_")[1]) if latest is not None else None
+    dead_train = int(trainer.dead_neurons.sum())
+    finish_trainer(trainer)
+    sae = trainer.sae
+    sae.cfg.metadata.sae_cafe = {**metadata["sae_cafe"], "architecture": config.architecture}
+    for p in tmp.iterdir():  # an export cut short by a kill
+        if p.name not in (CHECKPOINTS, "run_key.json"):
+            p.unlink() if p.is_file() else shutil.rmtree(p)
+    sae.save_inference_model(str(tmp))
+    if len(summary["history"]) > 200:
+        summary["history"] = summary["history"][:: len(summary["history"]) // 200 + 1]
+    train_metrics = {"architecture": config.architecture, "d_in": reader.d_in, "d_sae": sae.cfg.d_sae,
+                     "k": sae.cfg.k if hasattr(sae.cfg, "k") else None, "dead_during_training": dead_train,
+                     "train_l0_window": sae.cfg.metadata.get("l0"), **summary}
+    atomic_write_json(tmp / "training.json", train_metrics)
+    write_manifest(tmp, "saes", config, upstream={"acts": reader.directory}, model=reader.model,
+                   layer=reader.layer, d_in=reader.d_in, d_sae=sae.cfg.d_sae, architecture=config.architecture,
+                   weights_hash=reader.weights_hash, dataset=dataset_name, train_images=list(train_rng),
+                   held_out_images=list(held_rng), sae_lens_files=["cfg.json", "sae_weights.safetensors"],
+                   training={k: v for k, v in train_metrics.items() if k != "history"}, run_key=key)
+    _publish(tmp, final)
+    return sae, train_metrics

@@ -121,6 +121,39 @@ def test_folder_source_skip_bad_and_ids(tmp_path, resnet):
     assert r.manifest["counts"]["skipped_images"] == 1 and r.manifest["dataset"]["fingerprint"]
 
 
+def test_resume_keeps_skipped_images_and_drops_partial_files(tmp_path, resnet):
+    """A resumed extraction still reports the images skipped before the crash (once), and the temporary
+    file of a shard write cut short by the crash does not end up in the stage."""
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    for i in range(6):
+        arr = np.random.default_rng(i).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(root / "a" / f"{i}.png")
+    (root / "a" / "0bad.png").write_bytes(b"not an image")  # sorted first: skipped in the first batch
+    kw = dict(root=tmp_path / "x", run="r", skip_bad=True, batch_size=2, shard_size=1, progress=False)
+    calls = {"n": 0}
+
+    def boom(*_):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("simulated crash")
+
+    h = resnet.model.register_forward_pre_hook(boom)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        extract_activations(resnet, root, "layer3", **kw)
+    h.remove()
+    resnet.layers()
+    tmp = tmp_path / "x" / "r" / "acts" / "resnet18" / ".layer3.tmp"
+    assert json.loads((tmp / "progress.json").read_text())["skipped"]
+    (tmp / ".shard_00009.safetensors.tmp4242").write_bytes(b"half a shard")
+    with pytest.warns(UserWarning, match="0bad.png"):
+        d = extract_activations(resnet, root, "layer3", **kw)["layer3"]
+    r = ShardReader(d)
+    assert r.manifest["counts"]["skipped_images"] == 1 and r.manifest["skipped"][0][0] == "a/0bad.png"
+    assert r.image_ids == [f"a/{i}.png" for i in range(6)]
+    assert sorted(p.name for p in d.iterdir() if p.name.startswith(".")) == []
+
+
 def test_vit_class_token_and_sampling(tmp_path, images):
     vit = tiny_vit()
     d = extract_activations(vit, images[:4], "blocks.1", root=tmp_path, include_cls=True, progress=False)

@@ -1,7 +1,8 @@
 """Fault suite: hostile inputs through the public entry points (Python API and CLI), determinism, safe loading.
 
 Every case must end in a clear :class:`SaeCafeError` naming the input (or a correct result for inputs that
-are merely unusual). The table of outcomes is written to ``indexes/fault_suite/report.md``.
+are merely unusual). The table of outcomes is written to ``indexes/fault_suite/report.md`` (with the
+interruption results of ``tests/test_interrupt.py``, see ``tests/fault_report.py``).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from fault_report import CASES, record
 from PIL import Image
 from safetensors.torch import save_file
 
@@ -27,13 +29,8 @@ REPORT: list[tuple[str, str, str]] = []
 @pytest.fixture(scope="module", autouse=True)
 def _write_report():
     yield
-    out = ROOT / "indexes" / "fault_suite"
-    out.mkdir(parents=True, exist_ok=True)
-    ok = sum(1 for *_, o in REPORT if o.startswith(("clear error", "correct result")))
-    lines = ["# Fault-suite report", "", f"{ok}/{len(REPORT)} cases end in a clear error or a correct result.", "",
-             "| case | entry point | outcome |", "|---|---|---|"]
-    lines += [f"| {c} | {e} | {o} |" for c, e, o in REPORT]
-    (out / "report.md").write_text("\n".join(lines) + "\n")
+    # the report (indexes/fault_suite/report.md) also shows the SIGKILL results of tests/test_interrupt.py
+    record(CASES, {"cases": [list(r) for r in REPORT]})
 
 
 def expect_error(case: str, entry: str, fn, must_name: str) -> None:

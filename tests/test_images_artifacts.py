@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -13,6 +14,7 @@ from sae_cafe.artifacts import (
     SCHEMA_VERSION,
     is_finished,
     list_runs,
+    publish_stage,
     read_manifest,
     stage_dir,
     stage_path,
@@ -90,6 +92,28 @@ def test_imagefolder_and_inputs(tmp_path):
     x = adapter.preprocess([files[0][0], Image.new("L", (50, 50)), np.zeros((10, 12, 3), np.uint8),
                             torch.rand(3, 30, 30)])
     assert x.shape == (4, 3, 224, 224) and torch.isfinite(x).all()
+
+
+def test_resumed_stage_drops_partial_writes_and_interrupted_publish_recovers(tmp_path):
+    final = tmp_path / "stage"
+    with pytest.raises(RuntimeError), stage_dir(final) as tmp:
+        (tmp / "state.json").write_text("{}")
+        (tmp / ".state.json.tmp123").write_text("{")  # a write cut short by a kill
+        (tmp / "sub").mkdir()
+        (tmp / "sub" / ".chunk.safetensors.part").write_bytes(b"x")
+        (tmp / ".step_00000004.tmp").mkdir()  # a checkpoint directory not yet renamed
+        raise RuntimeError("killed")
+    with stage_dir(final, resume=True) as tmp:
+        assert sorted(str(p.relative_to(tmp)) for p in tmp.rglob("*")) == ["state.json", "sub"]
+        write_manifest(tmp, "acts", {})
+    # killed between the two renames of a replacing publish: the finished tmp is published, .old removed
+    tmp = final.with_name(".stage.tmp")
+    tmp.mkdir()
+    write_manifest(tmp, "acts", {"n": 2})
+    os.replace(final, final.with_name(".stage.old"))
+    publish_stage(tmp, final)
+    assert read_manifest(final)["config"] == {"n": 2}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["stage"]
 
 
 def test_manifest_round_trip_and_atomic_stage(tmp_path):

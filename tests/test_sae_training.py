@@ -111,6 +111,32 @@ def test_resume_from_checkpoint_after_crash(tmp_path, acts, monkeypatch):
     assert res["training"]["resumed_from_step"] is None
 
 
+def test_resumed_training_equals_uninterrupted(tmp_path, acts, monkeypatch):
+    """The data provider is fast-forwarded to the checkpoint's batch and the loss history is kept, so a
+    crashed-and-resumed run gives the same bytes as an uninterrupted one."""
+    kw = dict(architecture="batchtopk", k=8, steps=110, batch_size=64, n_checkpoints=1, progress=False,
+              evaluate=False)  # a checkpoint at step 55, loss-history rows at steps 50, 100 and 110
+    ref = train_sae(acts, tmp_path / "ref", **kw)
+    orig = SAETrainer.step
+
+    def crashing(self, batch):
+        if self.n_training_steps == 70:
+            raise RuntimeError("simulated crash")
+        return orig(self, batch)
+
+    monkeypatch.setattr(SAETrainer, "step", crashing)
+    with pytest.raises(RuntimeError, match="simulated crash"):
+        train_sae(acts, tmp_path / "s", **kw)
+    monkeypatch.setattr(SAETrainer, "step", orig)
+    res = train_sae(acts, tmp_path / "s", **kw)
+    assert res["training"]["resumed_from_step"] == 55
+    assert (tmp_path / "s" / "sae_weights.safetensors").read_bytes() == \
+        (tmp_path / "ref" / "sae_weights.safetensors").read_bytes()
+    assert [h["step"] for h in res["training"]["history"]] == [50, 100, 110]
+    assert res["training"]["history"] == ref["training"]["history"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ref", "s"]
+
+
 def test_checkpoint_round_trip_restores_trainer_state(tmp_path, acts):
     cfg = SAETrainConfig(architecture="jumprelu", steps=20, batch_size=64)
     prov = ShardDataProvider(acts, 64, seed=0)

@@ -20,7 +20,18 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import MANIFEST, hash_json, is_finished, publish_stage, stage_path, temp_stage_path, write_manifest
+from ..artifacts import (
+    MANIFEST,
+    atomic_write_bytes,
+    clean_partial_files,
+    finished_temp_stage,
+    hash_json,
+    is_finished,
+    publish_stage,
+    stage_path,
+    temp_stage_path,
+    write_manifest,
+)
 from ..errors import ArtifactError, ImageReadError, SaeCafeError
 from ..images import SkipReport, iter_image_files, iter_images
 from ..models import ModelAdapter, get_adapter
@@ -295,21 +306,26 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
                 continue
             raise ArtifactError(f"{finals[n]} already holds activations extracted with other settings; pass "
                                 "overwrite=True (CLI: --overwrite) or choose another --run")
+        if finished_temp_stage(finals[n], "extract_key", keys[n]):
+            _publish(temp_stage_path(finals[n]), finals[n])  # killed after its manifest, before publishing
+            continue
         todo.append(n)
     if not todo:
         return finals
 
     # --- open or resume each layer's temporary stage ---
     writers: dict[str, ShardWriter] = {}
+    progs: dict[str, dict] = {}
     for n in todo:
         tmp = temp_stage_path(finals[n])
         prog = None
+        clean_partial_files(tmp)  # temporaries of atomic writes cut short by a kill
         if tmp.exists() and (tmp / PROGRESS).exists():
             try:
                 prog = json.loads((tmp / PROGRESS).read_text())
             except json.JSONDecodeError:
                 prog = None
-            if prog is not None and prog.get("key") != keys[n]:
+            if prog is not None and (prog.get("key") != keys[n] or (tmp / MANIFEST).exists()):
                 warnings.warn(f"{tmp}: partial extraction with other settings; starting over", stacklevel=2)
                 prog = None
         if prog is None and tmp.exists():
@@ -321,8 +337,12 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
                     f.unlink()
         d_in = infos[n].channels
         writers[n] = ShardWriter(tmp, d_in, cfg.dtype, cfg.shard_size, prog["shards"] if prog else ())
+        progs[n] = prog or {}
     start_img = min(w.images_done for w in writers.values())
     start_item = min((w.shards[-1].get("next_item", 0) if w.shards else 0) for w in writers.values())
+    if start_item:  # images skipped before the resume point (recorded with the layer that is furthest behind)
+        behind = min(todo, key=lambda n: writers[n].shards[-1].get("next_item", 0) if writers[n].shards else 0)
+        report.skipped.extend((str(a), str(b)) for a, b in progs[behind].get("skipped", []))
     ids_all: list[str] = []
     first_tmp = temp_stage_path(finals[todo[0]])
     if start_img and (first_tmp / IMAGES_FILE).exists():
@@ -335,10 +355,12 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
             writers[n] = ShardWriter(temp_stage_path(finals[n]), infos[n].channels, cfg.dtype, cfg.shard_size)
         start_img = start_item = 0
         ids_all = []
-    ids_fd = {n: open(temp_stage_path(finals[n]) / IMAGES_FILE, "w") for n in todo}  # noqa: SIM115
-    for fd in ids_fd.values():
-        fd.write("".join(i + "\n" for i in ids_all))
-        fd.flush()
+        report.skipped.clear()
+    # images.txt: the ids up to the resume point are rewritten atomically, later ones appended batch by batch
+    # (flushed before every progress record, so it always holds at least the recorded images)
+    for n in todo:
+        atomic_write_bytes(temp_stage_path(finals[n]) / IMAGES_FILE, "".join(i + "\n" for i in ids_all).encode())
+    ids_fd = {n: open(temp_stage_path(finals[n]) / IMAGES_FILE, "a") for n in todo}  # noqa: SIM115
 
     need_grad = cfg.positions_per_image is not None and cfg.sampling == "logit"
     n_img = start_img
@@ -367,11 +389,11 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
                 if not keep.all():
                     rows, img_idx, pos = rows[keep], img_idx[keep], pos[keep]
                 if w.add(rows, img_idx, pos, images_end=n_img + b, next_item=next_item):
-                    _save_progress(w, keys[n], ids_fd[n], n_img + b)
+                    _save_progress(w, keys[n], ids_fd[n], n_img + b, report)
             n_img += b
         for n in todo:
             writers[n].flush(images_end=n_img, next_item=source.total if source.total is not None else -1)
-            _save_progress(writers[n], keys[n], ids_fd[n], n_img)
+            _save_progress(writers[n], keys[n], ids_fd[n], n_img, report)
     finally:
         bar.close()
         for fd in ids_fd.values():
@@ -384,7 +406,8 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
 
     for n in todo:
         tmp, w, info = temp_stage_path(finals[n]), writers[n], infos[n]
-        (tmp / PROGRESS).unlink(missing_ok=True)
+        # the manifest is written while progress.json still exists: a kill before it leaves a resumable
+        # stage, a kill after it a finished temporary stage that the next call only publishes
         write_manifest(
             tmp, "acts", dataclasses.replace(cfg, layers=[n]), upstream=_upstream(source),
             model=adapter.name, family=adapter.family, weights_hash=adapter.weights_hash, layer=n,
@@ -398,8 +421,13 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
             counts={"n": w.n_written, "n_images": n_img, "n_shards": len(w.shards),
                     "skipped_images": len(report.skipped)},
             skipped=report.skipped[:1000], extract_key=keys[n])
-        publish_stage(tmp, finals[n])
+        _publish(tmp, finals[n])
     return finals
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    (tmp / PROGRESS).unlink(missing_ok=True)
+    publish_stage(tmp, final)
 
 
 def _upstream(source: ImageSource) -> dict[str, Path] | None:
@@ -440,9 +468,11 @@ def _rows(adapter: ModelAdapter, act: torch.Tensor, first_image: int, cfg: Extra
     return torch.cat(parts), torch.cat(imgs), torch.cat(poss)
 
 
-def _save_progress(w: ShardWriter, key: str, ids_fd: Any, images_end: int) -> None:
+def _save_progress(w: ShardWriter, key: str, ids_fd: Any, images_end: int, report: SkipReport) -> None:
+    """Record the finished shards (and the images skipped so far) after flushing ``images.txt``."""
     ids_fd.flush()
-    write_progress(w.directory, {"key": key, "shards": w.shards, "images_end": images_end})
+    write_progress(w.directory, {"key": key, "shards": w.shards, "images_end": images_end,
+                                 "skipped": [list(s) for s in report.skipped]})
 
 
 def dataset_hash(reader: ShardReader) -> str:

@@ -12,15 +12,18 @@ Stage layout (``indexes/<run>/cafe/<model>/<layer>/``)::
     images.json            image names, labels and the image source path
     class_push.safetensors (S, C) logit change per unit of each latent (only for layers under a linear head)
 
-The build is resumable: the partial state (mining checkpoints, finished anchoring chunks) lives in the
-temporary stage directory ``.<layer>.tmp`` and a rerun with the same inputs continues from it.
+The build is resumable (``sae_cafe.artifacts.stage_dir(resume=True)``): the partial state (``resume.json``
+with the inputs' fingerprint, the mining checkpoint ``mining_state.safetensors``, finished anchoring chunks
+``anchor_*.safetensors``) lives in the temporary stage directory ``.<layer>.tmp`` beside the outputs being
+written, and a rerun with the same inputs continues from it. The manifest is written last of the outputs and
+the partial state removed after it, so a process killed at any point leaves either a resumable or a
+finished temporary stage (which the next run only publishes).
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import time
 import warnings
@@ -30,8 +33,16 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from ..artifacts import atomic_write_json, hash_json, read_manifest, stage_dir, stage_path, write_manifest
-from ..errors import SaeCafeError
+from ..artifacts import (
+    MANIFEST,
+    atomic_write_json,
+    hash_json,
+    read_manifest,
+    stage_dir,
+    stage_path,
+    write_manifest,
+)
+from ..errors import ArtifactError, SaeCafeError
 from ..models import get_adapter
 from .anchor import IerfFn, anchor_exemplars, encode_layer
 from .index import make_index
@@ -149,28 +160,43 @@ def _fingerprint(adapter, sae, layer: str, source: ImageSource, cfg: CafeConfig)
             "images": source.fingerprint(), "config": hash_json(asdict(cfg))}
 
 
-def _open_work(final: Path, fp: dict) -> Path:
-    """The temporary stage dir holding partial state; kept if its fingerprint matches, else restarted."""
-    tmp = final.with_name(f".{final.name}.tmp")
-    hold = final.with_name(f".{final.name}.resume")
-    if hold.exists():  # interrupted while publishing: bring the parts back
-        tmp.mkdir(parents=True, exist_ok=True)
-        for f in hold.iterdir():
-            if not (tmp / f.name).exists():
-                os.replace(f, tmp / f.name)
-        shutil.rmtree(hold)
-    if tmp.exists():
+def _open_work(work: Path, final: Path, fp: dict) -> bool:
+    """Prepare the temporary stage dir ``work`` (from ``stage_dir(resume=True)``) for inputs ``fp``.
+
+    Partial state for the same inputs is kept, anything else is cleared. Returns True when ``work`` already
+    holds the finished stage for these inputs (killed between its manifest and publishing).
+    """
+    legacy = final.with_name(f".{final.name}.resume")  # hand-over dir of earlier versions
+    if legacy.exists():
+        shutil.rmtree(legacy)
+    if (work / MANIFEST).exists():
         try:
-            old = json.loads((tmp / RESUME).read_text())
-        except (OSError, json.JSONDecodeError):
-            old = None
-        if old != fp:
-            if old is not None:
-                warnings.warn(f"{tmp}: partial CAFE state is for other inputs; starting over", stacklevel=3)
-            shutil.rmtree(tmp)
-    tmp.mkdir(parents=True, exist_ok=True)
-    atomic_write_json(tmp / RESUME, fp)
-    return tmp
+            if read_manifest(work, "cafe").get("build_key") == hash_json(fp):
+                return True
+        except ArtifactError:
+            pass
+        _clear(work)
+    try:
+        old = json.loads((work / RESUME).read_text())
+    except (OSError, json.JSONDecodeError):
+        old = None
+    if old != fp and any(work.iterdir()):
+        if old is not None:
+            warnings.warn(f"{work}: partial CAFE state is for other inputs; starting over", stacklevel=3)
+        _clear(work)
+    atomic_write_json(work / RESUME, fp)
+    return False
+
+
+def _clear(d: Path) -> None:
+    for p in d.iterdir():
+        shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+
+
+def _drop_work_files(work: Path) -> None:
+    """Remove the partial state from a finished temporary stage (``resume.json`` last)."""
+    for p in [work / STATE, *sorted(work.glob("anchor_*.safetensors")), work / RESUME]:
+        p.unlink(missing_ok=True)
 
 
 def mine(adapter, sae, layer: str, source: ImageSource, cfg: CafeConfig, work: Path | None = None,
@@ -249,7 +275,18 @@ def build_cafe(model, sae, layer: str | int, images: object, out_dir: str | Path
         out_dir = stage_path(run, "cafe", adapter.name, layer, root=root)
     final = Path(out_dir)
     fp = _fingerprint(adapter, sae, layer, source, cfg)
-    work = _open_work(final, fp)
+    with stage_dir(final, resume=True) as work:
+        if not _open_work(work, final, fp):
+            _build(adapter, sae, layer, source, cfg, work, fp, ierf_fn, attributes, upstream, progress,
+                   extra_manifest)
+        _drop_work_files(work)
+    return load_cafe(final)
+
+
+def _build(adapter, sae, layer: str, source: ImageSource, cfg: CafeConfig, work: Path, fp: dict,
+           ierf_fn: IerfFn | None, attributes: dict[str, object] | None, upstream: dict[str, str | Path] | None,
+           progress: bool, extra_manifest: dict | None) -> None:
+    """Mine, anchor, index and write the stage into ``work`` (resuming from the partial state in it)."""
     t0 = time.perf_counter()
     state, mean_colour, grid = mine(adapter, sae, layer, source, cfg, work, progress)
     t_mine = time.perf_counter() - t0
@@ -282,38 +319,36 @@ def build_cafe(model, sae, layer: str | int, images: object, out_dir: str | Path
     t_index = time.perf_counter() - t2
     from safetensors.torch import save_file
 
-    os.replace(work, final.with_name(f".{final.name}.resume"))
-    hold = final.with_name(f".{final.name}.resume")
-    with stage_dir(final) as d:
-        state.save(d / "topk.safetensors", {"layer": layer})
-        save_file({k: v.contiguous() for k, v in ex.items()}, str(d / "exemplars.safetensors"))
-        save_file({k: v.contiguous() for k, v in anchors.items()}, str(d / "anchors.safetensors"))
-        save_file({k: v.contiguous() for k, v in table.items()}, str(d / "latents.safetensors"))
-        save_file({"W_dec": sae.W_dec.detach().float().cpu().contiguous(),
-                   "b_dec": sae.b_dec.detach().float().cpu().contiguous()}, str(d / "decoder.safetensors"))
-        if push is not None:
-            save_file({"class_push": push.contiguous()}, str(d / "class_push.safetensors"))
-        atomic_write_json(d / "latents.json", latents_json(table, push, adapter.class_names))
-        atomic_write_json(d / "images.json", {
-            "n": len(source), "names": source.names,
-            "labels": [source.label(i) for i in range(len(source))],
-            "source": str(source.root) if source.root is not None else None})
-        ex_index.write(d / "exemplars.faiss")
-        dec_index.write(d / "decoder.faiss")
-        write_manifest(
-            d, "cafe", cfg, upstream,
-            model=adapter.name, model_hash=fp["model_hash"], layer=layer, sae_hash=fp["sae_hash"],
-            sae_cfg={"d_in": int(sae.cfg.d_in), "d_sae": int(sae.cfg.d_sae), "architecture": sae.cfg.architecture()},
-            grid=list(grid), input_size=[int(H), int(W)], mean_colour=mean_colour.tolist(),
-            n_images=len(source), n_latents=S, n_exemplars=int(ex["ex_latent"].numel()),
-            indexes={"exemplars": {"spec": ex_index.spec, "params": ex_index.params, "ntotal": ex_index.ntotal},
-                     "decoder": {"spec": dec_index.spec, "params": dec_index.params, "ntotal": dec_index.ntotal}},
-            timings={"mine_s": t_mine, "anchor_s": t_anchor, "ierf_s": ierf_seconds, "index_s": t_index,
-                     "n_ierf": n_ierf, "ierf_per_s": n_ierf / max(ierf_seconds, 1e-9)},
-            has_class_push=push is not None, has_purity=attributes is not None, class_names=adapter.class_names,
-            **(extra_manifest or {}))
-    shutil.rmtree(hold, ignore_errors=True)
-    return load_cafe(final)
+    # outputs beside the partial state (non-atomic writes are redone on resume); the manifest last
+    d = work
+    state.save(d / "topk.safetensors", {"layer": layer})
+    save_file({k: v.contiguous() for k, v in ex.items()}, str(d / "exemplars.safetensors"))
+    save_file({k: v.contiguous() for k, v in anchors.items()}, str(d / "anchors.safetensors"))
+    save_file({k: v.contiguous() for k, v in table.items()}, str(d / "latents.safetensors"))
+    save_file({"W_dec": sae.W_dec.detach().float().cpu().contiguous(),
+               "b_dec": sae.b_dec.detach().float().cpu().contiguous()}, str(d / "decoder.safetensors"))
+    if push is not None:
+        save_file({"class_push": push.contiguous()}, str(d / "class_push.safetensors"))
+    atomic_write_json(d / "latents.json", latents_json(table, push, adapter.class_names))
+    atomic_write_json(d / "images.json", {
+        "n": len(source), "names": source.names,
+        "labels": [source.label(i) for i in range(len(source))],
+        "source": str(source.root) if source.root is not None else None})
+    ex_index.write(d / "exemplars.faiss")
+    dec_index.write(d / "decoder.faiss")
+    write_manifest(
+        d, "cafe", cfg, upstream,
+        model=adapter.name, model_hash=fp["model_hash"], layer=layer, sae_hash=fp["sae_hash"],
+        sae_cfg={"d_in": int(sae.cfg.d_in), "d_sae": int(sae.cfg.d_sae), "architecture": sae.cfg.architecture()},
+        grid=list(grid), input_size=[int(H), int(W)], mean_colour=mean_colour.tolist(),
+        n_images=len(source), n_latents=S, n_exemplars=int(ex["ex_latent"].numel()),
+        indexes={"exemplars": {"spec": ex_index.spec, "params": ex_index.params, "ntotal": ex_index.ntotal},
+                 "decoder": {"spec": dec_index.spec, "params": dec_index.params, "ntotal": dec_index.ntotal}},
+        timings={"mine_s": t_mine, "anchor_s": t_anchor, "ierf_s": ierf_seconds, "index_s": t_index,
+                 "n_ierf": n_ierf, "ierf_per_s": n_ierf / max(ierf_seconds, 1e-9)},
+        has_class_push=push is not None, has_purity=attributes is not None, class_names=adapter.class_names,
+        purity_attributes=list(attributes) if attributes is not None else [],
+        build_key=hash_json(fp), **(extra_manifest or {}))
 
 
 def latent_table(state: TopKState, ex_latent: torch.Tensor, conc_ierf: torch.Tensor,

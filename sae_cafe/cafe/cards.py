@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from ..errors import SaeCafeError
-from .metrics import mass_region
+from .metrics import mass_region, purity_attributes
 from .source import ImageSource
 from .store import Cafe, load_cafe
 
@@ -19,13 +19,15 @@ def _nan_none(x: float) -> float | None:
 
 
 def card_data(cafe: Cafe, latent: int, n: int = 6) -> dict:
-    """The card as JSON: statistics, top-``n`` exemplar records, pushed classes."""
+    """The card as JSON: statistics, top-``n`` exemplar records, pushed classes and, for stages built with
+    ground-truth attributes, the (attribute, value) that the latent's iERF purity names (``purity``)."""
     t = cafe.latents
     if not 0 <= latent < cafe.n_latents:
         raise SaeCafeError(f"latent {latent} out of range: this CAFE has {cafe.n_latents} latents")
     stats = {k: _nan_none(float(v[latent])) for k, v in t.items()}
     out = {"latent": latent, "model": cafe.manifest["model"], "layer": cafe.layer, "stats": stats,
-           "exemplars": [cafe.record(e).to_json() for e in cafe.exemplar_ids(latent)[:n]], "pushes": None}
+           "exemplars": [cafe.record(e).to_json() for e in cafe.exemplar_ids(latent)[:n]], "pushes": None,
+           "purity": purity_attributes(cafe, "ierf").get(latent)}
     push = cafe.class_push
     if push is not None:
         names = cafe.manifest.get("class_names") or None
@@ -78,6 +80,9 @@ def concept_card(cafe: Cafe | str | Path, latent: int, images=None, model=None, 
     title = (f"{cafe.manifest['model']} {cafe.layer} latent {latent}: fires on {100 * s['firing_frequency']:.2f}% "
              f"PFVs; iERF top-10% mass {s['concentration_ierf'] or float('nan'):.2f} vs act "
              f"{s['concentration_act'] or float('nan'):.2f}")
+    if card["purity"]:
+        p = card["purity"]
+        title += f"; iERF purity {p['purity']:.2f} on {p['attribute']} = {p['value']}"
     if card["pushes"]:
         title += "\npushes " + ", ".join(f"{p['class']} ({p['logit']:+.2f})" for p in card["pushes"]["up"])
     fig.suptitle(title, fontsize=8)

@@ -161,7 +161,11 @@ def attribute_mass(maps_EHW: torch.Tensor, images: torch.Tensor, attributes: dic
 
 def purity_table(anchors: dict[str, torch.Tensor], ex: dict[str, torch.Tensor], attributes: dict[str, object],
                  n_latents: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
-    """(c) per latent: ``purity_ierf``, ``purity_act`` (S,) (NaN where a latent has < 2 exemplars)."""
+    """(c) per latent: ``purity_ierf``, ``purity_act`` (S,) (NaN where a latent has < 2 exemplars), and the
+    (attribute, value) each purity names: ``purity_<kind>_attr`` (S,) int64, the position of the dominant
+    attribute in ``list(attributes)`` (the build records that list as ``purity_attributes`` in the manifest),
+    and ``purity_<kind>_value`` (S,) int64, its value id; -1 where the purity is NaN."""
+    names = list(attributes)
     E = ex["ex_latent"].shape[0]
     res = {}
     for kind in ("ierf", "act"):
@@ -172,6 +176,8 @@ def purity_table(anchors: dict[str, torch.Tensor], ex: dict[str, torch.Tensor], 
                     else upsample_map(anchors["act_map"][sl], size))
             shares += attribute_mass(maps, ex["ex_image"][sl], attributes)
         pur = torch.full((n_latents,), float("nan"))
+        attr = torch.full((n_latents,), -1, dtype=torch.int64)
+        value = torch.full((n_latents,), -1, dtype=torch.int64)
         lat, rank = ex["ex_latent"], ex["ex_rank"]
         for s_ in torch.unique(lat).tolist():
             rows = (lat == s_).nonzero().flatten().tolist()
@@ -185,8 +191,29 @@ def purity_table(anchors: dict[str, torch.Tensor], ex: dict[str, torch.Tensor], 
                     tot[k] = tot.get(k, 0.0) + v
             best = max(sorted(tot), key=lambda k: tot[k])
             pur[s_] = sum(shares[r].get(best, 0.0) for r in score) / len(score)
+            attr[s_], value[s_] = names.index(best[0]), best[1]
         res[f"purity_{kind}"] = pur
+        res[f"purity_{kind}_attr"] = attr
+        res[f"purity_{kind}_value"] = value
     return res
+
+
+#: attribute order assumed for stages built before ``purity_attributes`` was recorded (the concept world's
+#: ``World.attribute_maps()`` order)
+WORLD_ATTRIBUTES = ("shape", "colour", "pattern", "background")
+
+
+def purity_attributes(cafe, kind: str = "ierf") -> dict[int, dict]:
+    """Per latent with a purity value: ``{latent: {"attribute": name, "value": id, "purity": p}}`` — the
+    dominant ground-truth (attribute, value) that the latent's ``kind`` ("ierf", CAFE's purity, or "act")
+    purity is measured on. Empty for stages built without attributes or before the attribute was stored."""
+    t = cafe.latents
+    if f"purity_{kind}_attr" not in t:
+        return {}
+    names = cafe.manifest.get("purity_attributes") or list(WORLD_ATTRIBUTES)
+    pur, attr, val = t[f"purity_{kind}"], t[f"purity_{kind}_attr"], t[f"purity_{kind}_value"]
+    return {s: {"attribute": names[int(attr[s])], "value": int(val[s]), "purity": float(pur[s])}
+            for s in (attr >= 0).nonzero().flatten().tolist()}
 
 
 def purity_summary(cafe) -> dict:
