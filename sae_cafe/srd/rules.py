@@ -126,6 +126,9 @@ class DenseConvPaths:
     - ``gram`` (C_in < C_out): dot via W_kᵀz (one GEMM over the target grid, shared by all pool offsets),
       norm² = uᵀ (W_kᵀ W_k) u (C_in outputs per offset);
     - ``direct``: y_k = W_k u at every source position (C_out outputs per offset); dot and norm read from y.
+
+    With very few input channels (a first conv on RGB), per-offset reductions over C_in would be too short:
+    the dot is one product with the unfolded input, and norm² = (u ⊗ u) · vec(W_kᵀ W_k) one small GEMM.
     """
 
     def __init__(self, conv, z: torch.Tensor, need_norm: bool, band_bytes: int = 1 << 23):
@@ -137,7 +140,13 @@ class DenseConvPaths:
         self.z_cl = z.permute(0, 2, 3, 1).contiguous()  # (N, h, w, cout)
         wk = w.permute(2, 3, 1, 0).reshape(self.K, self.cin, self.cout)  # (K, cin, cout): W_kᵀ
         self.gram = self.cin < self.cout
-        if self.gram:
+        self.outer = self.gram and self.cin <= 8
+        if self.outer:
+            wmat = w.permute(1, 2, 3, 0).reshape(self.cin * self.K, self.cout)  # row c·K + k = W_k[:, c]
+            self.wz_planar = torch.matmul(wmat, z.flatten(2))  # (N, cin·K, h·w), F.unfold's order
+            g = torch.matmul(wk, wk.transpose(1, 2))  # (K, cin, cin)
+            self.mat = g.reshape(self.K, self.cin * self.cin).t().contiguous()  # (cin², K)
+        elif self.gram:
             wt = wk.permute(2, 0, 1).reshape(self.cout, self.K * self.cin)
             self.wz = (self.z_cl.view(-1, self.cout) @ wt).view(*self.z_cl.shape[:3], self.K, self.cin)
             g = torch.matmul(wk, wk.transpose(1, 2))  # (K, cin, cin) = W_kᵀ W_k
@@ -155,6 +164,8 @@ class DenseConvPaths:
 
     def __call__(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """src (N, C_in, H, W) → dot (N, K, h·w), norm (N, K, h·w) or None."""
+        if self.outer:
+            return self._outer(src)
         (kh, _), (sh, _), (dh, _) = self.conv.kernel, self.conv.stride, self.conv.dilation
         ph, pw = self.conv.padding
         u = F.pad(src, (pw, pw, ph, ph)) if ph or pw else src
@@ -184,6 +195,18 @@ class DenseConvPaths:
                 norms.append(torch.stack([self._at(nrm, k, rows)[..., k] for k in range(self.K)], 1))
         dot = torch.cat(dots, 2).flatten(2)
         return dot, (torch.cat(norms, 2).flatten(2) if self.need_norm else None)
+
+    def _outer(self, src: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        c = self.conv
+        unf = F.unfold(src, c.kernel, c.dilation, c.padding, c.stride)  # (N, cin·K, h·w)
+        dot = (unf * self.wz_planar).view(src.shape[0], self.cin, self.K, -1).sum(1)
+        if not self.need_norm:
+            return dot, None
+        ph, pw = c.padding
+        u = (F.pad(src, (pw, pw, ph, ph)) if ph or pw else src).permute(0, 2, 3, 1)  # (N, Hp, Wp, cin)
+        sq = (u.unsqueeze(-1) * u.unsqueeze(-2)).flatten(-2) @ self.mat  # (N, Hp, Wp, K): uᵀ G_k u
+        norm = torch.stack([self._at(sq, k, self.h)[..., k] for k in range(self.K)], 1)
+        return dot, _safe_sqrt(norm.clamp_min(0)).flatten(2)
 
 
 def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tensor,
