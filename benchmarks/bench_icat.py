@@ -3,17 +3,22 @@
 1. Interlayer insertion/deletion: for each analysed layer pair (consecutive SAE layers and last → logits),
    ``--images`` held-out images × top-5 targets per image (≥ 200 (image, target) pairs), every method
    (ig, grad, grad_x_input, ablation, random) with the zero and the dataset-mean baseline.
-2. Route purity: per class, the share of its dominant-route nodes whose dominant ground-truth attribute
-   (shape/colour/pattern/background, from the latent's top exemplars) is one of the class's defining
-   attributes (its shape or its colour), vs random routes of the same length (alive latents, 200 per class).
-3. PGD (ε = 8/255, 10 steps of 2/255): flip rate over ``--pgd-n`` correctly classified images; for each
+2. Route purity: per class, the share of its dominant-route nodes whose CAFE purity names one of the class's
+   defining attributes (its shape or its colour), vs random routes of the same length (one latent with a
+   CAFE purity per layer, 200 per class). A CAFE stage (``build_cafe`` with the world's ground-truth maps,
+   ``--cafe-k`` exemplars per latent, all anchored to SRD iERFs) is built for every analysed layer on the
+   held-out scenes; a latent's purity names the dominant (attribute, value) of its iERF mass over its top
+   exemplars (``purity_ierf_attr``/``_value``, read with ``sae_cafe.cafe.metrics.purity_attributes``). The
+   activation-map purity of the same stages is reported alongside.
+3. PGD (ε = 8/255, 40 steps of 1/255, random start): flip rate over ``--pgd-n`` correctly classified images; for each
    image the clean route (to the true class) vs the adversarial route (to the adversarial prediction):
    divergence layer and Jaccard overlap of route and graph nodes.
 
-SAEs: the run's trained SAEs (``indexes/<run>/saes/<model>/<layer>``) when present, else quick sae-lens
-TopK SAEs trained here on the benchmark's own training images (reported in the output). Attribute purity: the
-concept-world ground truth scored with CAFE's ``attribute_mass`` on the latents' *activation maps* (CAFE's
-own purity uses iERF maps and does not store the dominant attribute, so it is not used here).
+SAEs: quick sae-lens TopK SAEs trained here on the benchmark's own training images and saved to
+``--out``/saes (``--reuse-saes`` loads them again), or with ``--run NAME`` the run's trained SAEs
+(``indexes/<run>/saes/<model>/<layer>``) when present. Case studies: the first correct and the first
+misclassified held-out scene (when the model makes no mistake there, the first misclassified one among
+``--miss-search`` fresh scenes) and PGD on the correct one; figures under ``--out``/cases/<model>/cases/.
 
 Run: ``.venv/bin/python benchmarks/bench_icat.py`` (writes ``--out``/results.json, tables.md, figures).
 """
@@ -110,8 +115,8 @@ def get_saes(adapter, name, layers, x_train, args, work: Path):
 
     saes, info = {}, {}
     for layer in layers:
-        p = stage_path(args.run, "saes", name, layer, root=args.root)
-        if is_finished(p):
+        p = stage_path(args.run, "saes", name, layer, root=args.root) if args.run else None
+        if p is not None and is_finished(p):
             saes[layer] = load_sae(p, adapter, layer)
             info[layer] = {"source": str(p), "d_sae": int(saes[layer].cfg.d_sae)}
             continue
@@ -163,84 +168,99 @@ def bench_protocol(adapter, saes, layers, x_eval, means, args):
 
 
 # ----- 2. route purity ----------------------------------------------------------------------------------------
-@torch.no_grad()
-def latent_attributes(adapter, sae, layer, x, attr_maps, n_ex=10):
-    """Per latent: dominant (attribute, value) of its activation maps over its top exemplar images (picked on
-    even ranks) and its purity (mass share on odd ranks), via CAFE's ``attribute_mass``."""
-    from sae_cafe.cafe.metrics import attribute_mass
+def build_cafes(adapter, name, saes, layers, x, attrs, args) -> tuple[dict, dict]:
+    """CAFE stage per analysed layer on the held-out images ``x`` with their ground-truth maps ``attrs``;
+    a finished stage built with the same SAE and images is reused. Returns ({layer: Cafe}, timing info)."""
+    from sae_cafe.artifacts import read_manifest
+    from sae_cafe.cafe import build_cafe, load_cafe
+    from sae_cafe.cafe.build import sae_hash
 
-    maps, best = [], []
-    for i in range(0, len(x), 64):
-        b = adapter.to_pfv(adapter.capture(x[i:i + 64], [layer], stop_early=True)[layer])
-        a = sae.encode(b.pfv)  # (B, N, S)
-        maps.append(a.transpose(1, 2).reshape(a.shape[0], a.shape[2], *b.grid))
-        best.append(a.amax(1))
-    maps, best = torch.cat(maps), torch.cat(best)  # (N, S, h, w), (N, S)
-    S = best.shape[1]
-    H = x.shape[-1]
-    out = {}
-    for s in range(S):
-        top = best[:, s].argsort(descending=True)[:n_ex]
-        top = top[best[top, s] > 0]
-        if len(top) < 2:
-            continue
-        m = torch.nn.functional.interpolate(maps[top, s][:, None], size=(H, H), mode="bilinear",
-                                            align_corners=False)[:, 0]
-        shares = attribute_mass(m, top, attr_maps)
-        tot = Counter()
-        for sh in shares[0::2]:
-            tot.update(sh)
-        if not tot:
-            continue
-        key = max(sorted(tot), key=lambda k: tot[k])
-        odd = shares[1::2]
-        out[s] = {"attr": key[0], "value": ATTR_NAMES[key[0]][key[1]],
-                  "purity": float(np.mean([sh.get(key, 0.0) for sh in odd])) if odd else float("nan")}
-    return out
+    cafes, info = {}, {}
+    for layer in layers:
+        d = Path(args.cafe_dir) / name / layer
+        if is_finished(d):
+            m = read_manifest(d, "cafe")
+            if (m.get("sae_hash") == sae_hash(saes[layer]) and m.get("n_images") == len(x)
+                    and m.get("purity_attributes")):
+                cafes[layer] = load_cafe(d)
+                info[layer] = {"stage": str(d), "reused": True, **m["timings"]}
+                continue
+            import shutil
+
+            shutil.rmtree(d)
+        t = time.perf_counter()
+        cafes[layer] = build_cafe(adapter, saes[layer], layer, x, out_dir=d, k=args.cafe_k, n_sample=0,
+                                  attributes=attrs, progress=False)
+        info[layer] = {"stage": str(d), "reused": False, "seconds": time.perf_counter() - t,
+                       **cafes[layer].manifest["timings"]}
+        log(f"  CAFE {name}/{layer}: {info[layer]}")
+    return cafes, info
 
 
-def bench_routes(adapter, name, saes, layers, x_eval, y_eval, pred, attr_maps, args, out_dir):
-    lat_attr = {layer: latent_attributes(adapter, saes[layer], layer, x_eval, attr_maps) for layer in layers}
+def cafe_attributes(cafe, kind: str = "ierf") -> dict[int, dict]:
+    """{latent: {attr, value (name), purity}} from CAFE's purity (``kind`` "ierf": CAFE's own, iERF-based;
+    "act": the activation-map comparison)."""
+    from sae_cafe.cafe.metrics import purity_attributes
+
+    return {s: {"attr": a["attribute"], "value": ATTR_NAMES[a["attribute"]][a["value"]], "purity": a["purity"]}
+            for s, a in purity_attributes(cafe, kind).items()}
+
+
+def class_attribute_test(lat_attr, c):
+    """``names(node)``: does the node's CAFE purity name class ``c``'s shape or colour?"""
+    shape, colour = SHAPES[CLASS_PAIRS[c][0]], COLOURS[CLASS_PAIRS[c][1]]
+
+    def names(node):
+        layer, k = node.rsplit(":", 1)
+        a = lat_attr.get(layer, {}).get(int(k))
+        return a is not None and ((a["attr"] == "shape" and a["value"] == shape)
+                                  or (a["attr"] == "colour" and a["value"] == colour))
+    return names
+
+
+def attr_label(lat_attr):
+    def label(n, d):
+        if d["kind"] != "latent":
+            return d.get("label", n)
+        a = lat_attr.get(d["layer"], {}).get(int(d["latent"]))
+        return f"{d['latent']}\n{a['value']}" if a else str(d["latent"])
+    return label
+
+
+def bench_routes(adapter, name, saes, layers, x_eval, y_eval, pred, lat_attr, lat_attr_act, args, out_dir):
     rng = random.Random(0)
     rows, fig_done = [], False
     cfg = GraphConfig(steps=args.steps, top_k=5, max_nodes_per_layer=8)
+    mean_pur = lambda ns, la: float(np.mean([la[n.rsplit(":", 1)[0]].get(int(n.rsplit(":", 1)[1]), {})  # noqa: E731
+                                             .get("purity", 0.0) for n in ns])) if ns else float("nan")
     for c in range(len(CLASS_NAMES)):
         idx = ((y_eval == c) & (pred == c)).nonzero()[:, 0][:args.per_class]
         if len(idx) == 0:
             continue
         G = build_graph(adapter, saes, x_eval[idx], layers, c, cfg)
         r = dominant_route(G)
-        shape, colour = SHAPES[CLASS_PAIRS[c][0]], COLOURS[CLASS_PAIRS[c][1]]
-
-        def names(node, shape=shape, colour=colour):
-            layer, k = node.rsplit(":", 1)
-            a = lat_attr[layer].get(int(k))
-            return a is not None and ((a["attr"] == "shape" and a["value"] == shape)
-                                      or (a["attr"] == "colour" and a["value"] == colour))
-
+        names, names_act = class_attribute_test(lat_attr, c), class_attribute_test(lat_attr_act, c)
         nodes = r.nodes[1:]
         share = float(np.mean([names(n) for n in nodes])) if nodes else float("nan")
-        rand = []
-        for _ in range(200):
-            rl = [f"{layer}:{rng.choice(list(lat_attr[layer]))}" for layer in layers[::-1][:len(nodes)]]
+        rand, rand_pur = [], []
+        for _ in range(200):  # random routes: one latent with a CAFE purity per layer, same length
+            rl = [f"{layer}:{rng.choice(sorted(lat_attr[layer]))}" for layer in layers[::-1][:len(nodes)]]
             rand.append(np.mean([names(n) for n in rl]) if rl else np.nan)
+            rand_pur.append(mean_pur(rl, lat_attr))
         all_nodes = [n for n, d in G.nodes(data=True) if d["kind"] == "latent"]
         rows.append({"class": CLASS_NAMES[c], "n_images": len(idx), "route": r.nodes, "route_len": len(nodes),
                      "route_share": share, "random_share": float(np.nanmean(rand)),
+                     "route_share_act": float(np.mean([names_act(n) for n in nodes])) if nodes else float("nan"),
                      "graph_share": float(np.mean([names(n) for n in all_nodes])) if all_nodes else float("nan"),
+                     "route_purity": mean_pur(nodes, lat_attr), "random_purity": float(np.nanmean(rand_pur)),
                      "route_attrs": [lat_attr[n.rsplit(':', 1)[0]].get(int(n.rsplit(':', 1)[1])) for n in nodes]})
         write_graph(G, out_dir / "graphs", f"{name}_class_{c}")
         if not fig_done:
-            def label(n, d):
-                if d["kind"] != "latent":
-                    return d.get("label", n)
-                a = lat_attr[d["layer"]].get(int(d["latent"]))
-                return f"{d['latent']}\n{a['value']}" if a else str(d["latent"])
-
             graph_figure(G, out_dir / f"{name}_class_graph", r,
-                         f"{name}: class {CLASS_NAMES[c]} ({len(idx)} images), dominant route in red", label)
+                         f"{name}: class {CLASS_NAMES[c]} ({len(idx)} images), dominant route in red; "
+                         "labels: latent id and the attribute its CAFE (iERF) purity names", attr_label(lat_attr))
             fig_done = True
-    return rows, {k: {str(s): v for s, v in d.items()} for k, d in lat_attr.items()}
+    return rows
 
 
 # ----- 3. PGD ---------------------------------------------------------------------------------------------------
@@ -304,15 +324,41 @@ def md_tables(results) -> str:
             out.append(f"| {row['pair']} | {row['baseline']} | {row['method']} | {row['auc_ins']:.3f} | "
                        f"{row['auc_del']:.3f} | {row['auc_diff']:.3f} ± {row['auc_diff_se']:.3f} | {paired} | "
                        f"{row['n_pairs']} |")
-        out.append("\n| class | images | route nodes naming a class attribute | random routes | graph nodes |")
-        out.append("|---|---|---|---|---|")
+        best: dict[tuple[str, str], list] = {}
+        for row in r.get("protocol", []):
+            if row["method"] != "random" and row["n_pairs"]:
+                best.setdefault((row["pair"], row["baseline"]), []).append(row)
+        if best:
+            parts = []
+            for (pair, base), rows in best.items():
+                top = max(x["auc_diff"] for x in rows)
+                tied = [x["method"] for x in rows if x["auc_diff"] >= top - 1e-6]
+                parts.append(f"{pair} ({base}): **{' = '.join(tied)}**")
+            out.append("\nMost faithful method (highest AUC ins − del; ties within 1e-6) per layer pair and "
+                       "baseline: " + "; ".join(parts) + ".")
+        if r.get("cafe"):
+            out.append("\nCAFE stages of the analysed layers (k = "
+                       f"{r.get('cafe_k', '?')} exemplars per latent, all anchored; {r['n_eval']} held-out scenes):\n")
+            out.append("| layer | latents with a purity | purity iERF (CAFE) | purity act. map | build |")
+            out.append("|---|---|---|---|---|")
+            for layer, c in r["cafe"].items():
+                pi, pa = c.get("purity_ierf") or [float("nan")] * 2, c.get("purity_act") or [float("nan")] * 2
+                build = "reused" if c.get("reused") else f"{c.get('seconds', float('nan')):.0f} s"
+                out.append(f"| {layer} | {c.get('n_latents_with_attribute')} | {pi[0]:.2f} ± {pi[1]:.2f} | "
+                           f"{pa[0]:.2f} ± {pa[1]:.2f} | {build} ({c.get('n_ierf')} iERFs) |")
+        out.append("\n| class | images | route nodes whose CAFE purity names a class attribute | random routes | "
+                   "graph nodes | same, act.-map purity | route CAFE purity | random CAFE purity |")
+        out.append("|---|---|---|---|---|---|---|---|")
         for row in r.get("routes", []):
             out.append(f"| {row['class']} | {row['n_images']} | {row['route_share']:.2f} | "
-                       f"{row['random_share']:.2f} | {row['graph_share']:.2f} |")
-        rs = [row["route_share"] for row in r.get("routes", [])] or [float("nan")]
-        rr = [row["random_share"] for row in r.get("routes", [])] or [float("nan")]
+                       f"{row['random_share']:.2f} | {row['graph_share']:.2f} | {row['route_share_act']:.2f} | "
+                       f"{row['route_purity']:.2f} | {row['random_purity']:.2f} |")
+        rrows = r.get("routes", [])
+        col = lambda k, rows=rrows: np.nanmean([x[k] for x in rows] or [float("nan")])  # noqa: E731
         n_empty = sum(row["route_len"] == 0 for row in r.get("routes", []))
-        out.append(f"| **mean** | | **{np.nanmean(rs):.2f}** | **{np.nanmean(rr):.2f}** | |")
+        out.append(f"| **mean** | | **{col('route_share'):.2f}** | **{col('random_share'):.2f}** | "
+                   f"{col('graph_share'):.2f} | {col('route_share_act'):.2f} | {col('route_purity'):.2f} | "
+                   f"{col('random_purity'):.2f} |")
         if n_empty:
             out.append(f"\n{n_empty} class graph(s) had no positive parent edge (empty route, shown as nan).")
         if "pgd" not in r:
@@ -336,7 +382,8 @@ def md_tables(results) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=["mini_resnet", "mini_vit"])
-    ap.add_argument("--run", default="demo", help="run whose SAEs are used when present")
+    ap.add_argument("--run", default=None, help="run whose SAEs are used when present (default: the benchmark's "
+                    "own SAEs, trained into --out/saes)")
     ap.add_argument("--root", default=None)
     ap.add_argument("--n-train", type=int, default=800, help="images for SAE training / dataset means")
     ap.add_argument("--images", type=int, default=48, help="held-out images for insertion/deletion")
@@ -351,6 +398,8 @@ def main() -> int:
     ap.add_argument("--weights", nargs="*", default=[], help="NAME=PATH: weights other than the shipped ones")
     ap.add_argument("--reuse-saes", action="store_true", help="reuse SAEs this benchmark trained into --out")
     ap.add_argument("--miss-search", type=int, default=10000, help="fresh scenes searched for a misclassified one")
+    ap.add_argument("--cafe-dir", default="indexes/bench_icat/cafe", help="CAFE stages of the analysed layers")
+    ap.add_argument("--cafe-k", type=int, default=8, help="CAFE exemplars per latent (all anchored)")
     ap.add_argument("--out", default="benchmarks/results/icat")
     ap.add_argument("--skip", nargs="*", default=[], choices=["protocol", "routes", "pgd", "cases"])
     args = ap.parse_args()
@@ -360,8 +409,6 @@ def main() -> int:
     t0 = time.perf_counter()
     wt = generate(args.n_train, seed=EVAL_SEED_BASE + 801)
     we = generate(args.n_eval, seed=EVAL_SEED_BASE + 802)
-    attr_maps = {"shape": we.shape_map, "colour": we.colour_map, "pattern": we.pattern_map,
-                 "background": we.background_map}
     results = {"machine": "2-core CPU dev box, shared/noisy", "threads": args.threads, "args": vars(args),
                "models": {}}
     if (out / "results.json").exists():  # keep the other models of an earlier run into the same --out
@@ -383,16 +430,30 @@ def main() -> int:
         layers = dict((w.split("=", 1)[0], w.split("=", 1)[1].split(",")) for w in args.layers).get(name, LAYERS[name])
         saes, sae_info = get_saes(adapter, name, layers, x_train, args, out)
         means = {layer: latent_means(adapter, saes[layer], x_train[:400], layer) for layer in layers}
-        r = {"layers": layers, "weights": str(wfile), "saes": sae_info,
+        r = {"layers": layers, "weights": str(wfile), "saes": sae_info, "cafe_k": args.cafe_k,
              "accuracy": float((pred == y_eval).float().mean()), "n_eval": len(x_eval)}
+        lat_attr = lat_attr_act = None
+        if "routes" not in args.skip or "cases" not in args.skip:
+            t = time.perf_counter()
+            cafes, r["cafe"] = build_cafes(adapter, name, saes, layers, x_eval, we.attribute_maps(), args)
+            r["cafe_seconds"] = time.perf_counter() - t
+            lat_attr = {layer: cafe_attributes(c, "ierf") for layer, c in cafes.items()}
+            lat_attr_act = {layer: cafe_attributes(c, "act") for layer, c in cafes.items()}
+            from sae_cafe.cafe.metrics import purity_summary
+
+            for layer, c in cafes.items():
+                ps = purity_summary(c)
+                r["cafe"][layer].update(purity_n=ps["n"], purity_ierf=ps.get("ierf"), purity_act=ps.get("act"),
+                                        n_latents_with_attribute=len(lat_attr[layer]))
+            r["latent_attributes"] = {layer: {str(k): v for k, v in d.items()} for layer, d in lat_attr.items()}
         if "protocol" not in args.skip:
             t = time.perf_counter()
             r["protocol"] = bench_protocol(adapter, saes, layers, x_eval[:args.images], means, args)
             r["protocol_seconds"] = time.perf_counter() - t
         if "routes" not in args.skip:
             t = time.perf_counter()
-            r["routes"], r["latent_attributes"] = bench_routes(adapter, name, saes, layers, x_eval, y_eval, pred,
-                                                               attr_maps, args, out)
+            r["routes"] = bench_routes(adapter, name, saes, layers, x_eval, y_eval, pred, lat_attr, lat_attr_act,
+                                       args, out)
             r["routes_seconds"] = time.perf_counter() - t
         if "pgd" not in args.skip:
             t = time.perf_counter()
@@ -402,15 +463,18 @@ def main() -> int:
         if "cases" not in args.skip:
             cdir = out / "cases" / name / "cases"
             cdir.mkdir(parents=True, exist_ok=True)
-            xc, yc, pc = x_eval[:8], y_eval[:8], pred[:8]
-            if bool((pred == y_eval).all()):  # the model makes no mistake here: look for one on fresh scenes
+            ok = (pred == y_eval).nonzero()[:, 0][:1]
+            bad = (pred != y_eval).nonzero()[:, 0][:1]
+            xc, yc, pc = x_eval[torch.cat([ok, bad])], y_eval[torch.cat([ok, bad])], pred[torch.cat([ok, bad])]
+            if len(bad) == 0:  # the model makes no mistake on the held-out scenes: look for one on fresh scenes
                 found = find_misclassified(adapter, args.miss_search)
                 if found is not None:
                     xc, yc = torch.cat([xc, found[0]]), torch.cat([yc, found[1]])
                     pc = torch.cat([pc, found[2]])
                 r["misclassified_search"] = {"scenes_searched": args.miss_search, "found": found is not None}
             r["cases"] = case_studies(adapter, saes, xc, yc,
-                                      ICATConfig(layers=layers, graph=GraphConfig(steps=args.steps)), cdir, pc)
+                                      ICATConfig(layers=layers, graph=GraphConfig(steps=args.steps)), cdir, pc,
+                                      label_fn=attr_label(lat_attr))
         results["models"][name] = r
         (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     results["seconds"] = time.perf_counter() - t0

@@ -25,6 +25,12 @@ def layered_layout(G: nx.DiGraph) -> dict[str, tuple[float, float]]:
     return pos
 
 
+def short_layer(layer: str) -> str:
+    """Axis label of a layer: torchvision ViT blocks ``encoder.layers.encoder_layer_3`` → ``block 3``."""
+    tail = layer.rsplit(".", 1)[-1]
+    return tail.replace("encoder_layer_", "block ") if tail.startswith("encoder_layer_") else layer
+
+
 def draw_graph(G: nx.DiGraph, ax, route: Route | None = None, title: str | None = None,
                label_fn=None) -> None:
     """Draw a concept graph on a matplotlib axis; the route (if any) in red."""
@@ -46,7 +52,8 @@ def draw_graph(G: nx.DiGraph, ax, route: Route | None = None, title: str | None 
                             ax=ax)
     layers = (G.graph.get("layers") or "").split(",") + ["logits"]
     ax.set_xticks(range(len(layers)))
-    ax.set_xticklabels(layers, fontsize=6, rotation=20)
+    ax.set_xticklabels([short_layer(n) for n in layers], fontsize=6, rotation=20)
+    ax.margins(x=0.12)
     ax.tick_params(left=False, labelleft=False, bottom=True, labelbottom=True)
     for s in ("top", "right", "left"):
         ax.spines[s].set_visible(False)
@@ -82,8 +89,9 @@ def graph_figure(G: nx.DiGraph, stem: str | Path, route: Route | None = None, ti
 
 
 def case_figure(images_N3HW: torch.Tensor, graphs: Sequence[nx.DiGraph], routes: Sequence[Route],
-                titles: Sequence[str], stem: str | Path) -> list[Path]:
-    """Case study: for each case its image (pixels in [0, 1]) above its graph with the dominant route."""
+                titles: Sequence[str], stem: str | Path, label_fn=None) -> list[Path]:
+    """Case study: for each case its image (pixels in [0, 1]) above its graph with the dominant route;
+    ``label_fn(node, data)`` as in :func:`draw_graph` (e.g. latent id + its CAFE attribute)."""
     import matplotlib
 
     matplotlib.use("Agg", force=False)
@@ -97,5 +105,5 @@ def case_figure(images_N3HW: torch.Tensor, graphs: Sequence[nx.DiGraph], routes:
         axes[0, i].imshow(img)
         axes[0, i].set_title(titles[i], fontsize=8)
         axes[0, i].axis("off")
-        draw_graph(graphs[i], axes[1, i], routes[i], None)
+        draw_graph(graphs[i], axes[1, i], routes[i], None, label_fn)
     return save_figure(fig, stem)

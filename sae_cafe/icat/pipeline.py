@@ -60,12 +60,13 @@ def _predict(adapter, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
 
 
 def case_studies(adapter, saes: dict, x: torch.Tensor, labels: torch.Tensor, cfg: ICATConfig,
-                 out_dir: Path | None = None, pred: torch.Tensor | None = None) -> dict:
+                 out_dir: Path | None = None, pred: torch.Tensor | None = None, label_fn=None) -> dict:
     """Correct, misclassified and adversarial per-image graphs and routes (spec §6).
 
     Each case's route runs to the predicted class; the adversarial case (FGSM or PGD on the correct image)
     is compared with the clean image's route (divergence layer, Jaccard), and the misclassified case with
-    the route to its true class on the same image.
+    the route to its true class on the same image. ``label_fn(node, data)`` labels the figures' nodes
+    (default: the latent id).
     """
     layers = cfg.layers
     pred = _predict(adapter, x) if pred is None else pred
@@ -111,7 +112,7 @@ def case_studies(adapter, saes: dict, x: torch.Tensor, labels: torch.Tensor, cfg
     if out_dir is not None:
         for name, panels in figs.items():
             case_figure(torch.cat([adapter.denormalize(p[0]) for p in panels]), [p[1] for p in panels],
-                        [p[2] for p in panels], [p[3] for p in panels], out_dir / name)
+                        [p[2] for p in panels], [p[3] for p in panels], out_dir / name, label_fn)
         atomic_write_json(out_dir.parent / "cases.json", cases)
     return cases
 
