@@ -131,8 +131,10 @@ class DenseConvPaths:
     the dot is one product with the unfolded input, and norm² = (u ⊗ u) · vec(W_kᵀ W_k) one small GEMM.
     """
 
-    def __init__(self, conv, z: torch.Tensor, need_norm: bool, band_bytes: int = 1 << 23):
-        self.conv, self.need_norm, self.band_bytes = conv, need_norm, band_bytes
+    def __init__(self, conv, z: torch.Tensor, need_norm: bool, band_bytes: int | None = None):
+        # ~8 MB of GEMM output per thread per band: cache-resident for the reductions, few ops per layer
+        self.band_bytes = band_bytes or (1 << 23) * torch.get_num_threads()
+        self.conv, self.need_norm = conv, need_norm
         w = conv.weight  # (cout, cin, kh, kw)
         self.cout, self.cin = w.shape[0], w.shape[1]
         self.K = conv.kernel[0] * conv.kernel[1]
