@@ -93,12 +93,19 @@ def _path_sources(branch: Branch, v: torch.Tensor, pooled: torch.Tensor | None, 
         yield v, _unfold(torch.ones_like(v[:1, :1]), *geo)
         return
     pool = branch.pool
-    offsets = pool_offset_masks(pool, idx, v.shape[-1])
     ones = torch.ones_like(v[:1, :1])
     valid_pool = _unfold(ones, pool.kernel, pool.stride, pool.padding, pool.dilation)  # (1, 1, P, L'')
-    for o in range(pool.n_offsets):
-        valid_o = valid_pool[:, :, o].view(1, 1, *pooled.shape[-2:])
-        yield pooled * (offsets == o), _unfold(valid_o, *geo)
+    (hh, ww), (kh, kw) = pooled.shape[-2:], pool.kernel
+    if pool.stride == pool.kernel and pool.padding == (0, 0) and pool.dilation == (1, 1):
+        # windows tile the map: offset o's source map is a strided view of v masked to the stored arg-maxes
+        hit = torch.zeros_like(v).flatten(2).scatter_(2, idx.flatten(2), 1.0).view_as(v)
+        tiles = (v * hit)[..., :hh * kh, :ww * kw].reshape(*v.shape[:2], hh, kh, ww, kw)
+        sources = (tiles[:, :, :, o // kw, :, o % kw] for o in range(pool.n_offsets))
+    else:
+        offsets = pool_offset_masks(pool, idx, v.shape[-1])
+        sources = (pooled * (offsets == o) for o in range(pool.n_offsets))
+    for o, src in enumerate(sources):
+        yield src, _unfold(valid_pool[:, :, o].view(1, 1, hh, ww), *geo)
 
 
 def _path_outputs(branch: Branch, src: torch.Tensor, chunk: int) -> Iterator[torch.Tensor]:
