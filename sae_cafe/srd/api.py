@@ -76,13 +76,13 @@ def _targets(target, n: int, device) -> torch.Tensor:
     return t
 
 
-def _run(adapter, x, dtype, differentiable, until=None) -> tuple[SRDGraph, SRDRun]:
+def _run(adapter, x, dtype, differentiable, until=None, fuse=False) -> tuple[SRDGraph, SRDRun]:
     graph = get_graph(adapter, x, dtype)
     xd = x.to(dtype)
     if not differentiable:
         xd = xd.detach()
     with torch.set_grad_enabled(differentiable):
-        return graph, SRDRun(graph, xd, until)
+        return graph, SRDRun(graph, xd, until, fuse)
 
 
 def _node(adapter: ModelAdapter, graph: SRDGraph, layer) -> str:
@@ -115,7 +115,7 @@ def srd_saliency(model, x, target, contrast: str = "mean", differentiable: bool 
 
         return vit_srd_saliency(adapter, x, target, contrast=contrast, return_sink=return_sink,
                                 differentiable=differentiable, dtype=dtype)
-    graph, run = _run(adapter, x, dtype, differentiable)
+    graph, run = _run(adapter, x, dtype, differentiable, fuse=True)
     with torch.set_grad_enabled(differentiable):
         top = run.top_relevance(_targets(target, x.shape[0], x.device))
         if contrast == "mean":
@@ -135,7 +135,7 @@ def srd_relevance(model, x, target, layers: Sequence[str | int], contrast: str =
         from .vit import vit_srd_relevance
 
         return vit_srd_relevance(adapter, x, target, layers, contrast=contrast, dtype=dtype)
-    graph, run = _run(adapter, x, dtype, False)
+    graph, run = _run(adapter, x, dtype, False, fuse=True)
     nodes = {str(layer): _node(adapter, graph, layer) for layer in layers}
     with torch.no_grad():
         top = run.top_relevance(_targets(target, x.shape[0], x.device)).detach()
@@ -163,7 +163,7 @@ def srd_ierf_from_relevance(model, x, layer, relevance: torch.Tensor, differenti
 
 def _propagate_seeds(adapter, x, layer, make_seeds, differentiable, dtype, return_sink):
     node = _node(adapter, get_graph(adapter, x, dtype), layer)
-    graph, run = _run(adapter, x, dtype, differentiable, until=node)
+    graph, run = _run(adapter, x, dtype, differentiable, until=node, fuse=True)
     grid = tuple(run.post[node].shape[-2:])
     relevance = make_seeds(grid)
     if relevance.ndim != 4 or relevance.shape[0] != x.shape[0] or tuple(relevance.shape[-2:]) != grid:

@@ -12,7 +12,7 @@ from torch import nn
 
 from ..errors import NonFiniteError
 from .graph import Branch, FrozenAffine, Head, SRDGraph
-from .rules import branch_mu, make_scatter
+from .rules import branch_mu, fused_stage, make_scatter
 
 
 class SRDRun:
@@ -22,9 +22,11 @@ class SRDRun:
         graph: the stage graph (weights already in the compute dtype).
         x: (N, 3, H, W) input in the graph's dtype.
         until: stop the forward after this node (iERFs need nothing above their layer).
+        fuse: compute μ of eligible one-branch stages during the forward, from the same products that give z
+            (:func:`~sae_cafe.srd.rules.fused_stage`; z then equals the model's up to float summation order).
     """
 
-    def __init__(self, graph: SRDGraph, x: torch.Tensor, until: str | None = None):
+    def __init__(self, graph: SRDGraph, x: torch.Tensor, until: str | None = None, fuse: bool = False):
         self.graph, self.x = graph, x
         self.post: dict[str, torch.Tensor] = {"input": x}
         self.pre: dict[str, torch.Tensor] = {}
@@ -34,8 +36,8 @@ class SRDRun:
         self._mu: dict[int, list[torch.Tensor]] = {}
         self.n_stages = len(graph.stages)
         for i, stage in enumerate(graph.stages):
-            z = None
-            for j, br in enumerate(stage.branches):
+            z = self._fused(i, stage.branches[0]) if fuse and len(stage.branches) == 1 else None
+            for j, br in enumerate(stage.branches if z is None else ()):
                 u = self._pool(br)[0] if br.pool is not None else self.post[br.source]
                 if br.freeze is not None:
                     self.frozen[i, j] = rec = br.freeze(u)
@@ -52,6 +54,16 @@ class SRDRun:
             if stage.target == until:
                 self.n_stages = i + 1
                 break
+
+    def _fused(self, i: int, br: Branch) -> torch.Tensor | None:
+        if br.freeze is not None:
+            return None
+        pooled, idx = self._pool(br) if br.pool is not None else (None, None)
+        res = fused_stage(br, self.post[br.source], pooled, idx)
+        if res is None:
+            return None
+        self.out[i, 0], self._mu[i] = res[0], [res[1]]
+        return res[0]
 
     def _pool(self, br: Branch) -> tuple[torch.Tensor, torch.Tensor]:
         key = (br.source, id(br.pool))

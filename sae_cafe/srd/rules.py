@@ -13,6 +13,7 @@ relevance seeds cost almost nothing once μ is known.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Iterator
 
 import torch
@@ -258,13 +259,70 @@ def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tenso
             if need_norm:
                 norms.append(_safe_sqrt(torch.linalg.vecdot(path, path, dim=2)))
     dot = torch.cat(dots, 1).view(z.shape[0], -1, h, w)
-    if not need_norm:
+    bias = bias_map if bias_map is not None else branch.bias.view(1, -1, 1, 1) if need_norm else None
+    return _mu_from(dot, torch.cat(norms, 1).view_as(dot) if need_norm else None, z, inv, bias, valids)
+
+
+def _mu_from(dot: torch.Tensor, norm: torch.Tensor | None, z: torch.Tensor, inv: torch.Tensor,
+             bias: torch.Tensor | None, valids: list[torch.Tensor]) -> torch.Tensor:
+    """μ (N, J, h, w) = (⟨W u, z⟩ + frac·⟨b, z⟩) / ‖z‖² from per-path dots and norms (N, J, h, w)."""
+    if bias is None:
         return dot * inv.unsqueeze(1)
-    bz = ((bias_map if bias_map is not None else branch.bias.view(1, -1, 1, 1)) * z).sum(1)
-    norm = torch.cat(norms, 1).view_as(dot)
+    h, w = z.shape[-2:]
+    bz = (bias * z).sum(1)
     total = norm.sum(1, keepdim=True)
     frac = norm / torch.where(total > 0, total, torch.ones_like(total))
     if not (total > 0).all():  # every contribution is zero: share the bias equally over in-bounds paths
         valid = torch.cat(valids, 1).view(1, -1, h, w).to(dot.dtype)
         frac = torch.where(total > 0, frac, valid / valid.sum(1, keepdim=True).clamp_min(1))
     return (dot + frac * bz.unsqueeze(1)) * inv.unsqueeze(1)
+
+
+def fused_stage(branch: Branch, v: torch.Tensor, pooled: torch.Tensor | None, idx: torch.Tensor | None,
+                band_bytes: int | None = None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """Forward and sharing ratios of a one-branch stage in one pass: ``(z (N, C, h, w), μ (N, J, h, w))``.
+
+    For a dense stride-1 convolution with C_in ≥ C_out (optionally after a tiling max-pool), μ needs
+    y_k = W_k u at every source position anyway; z = Σ_k y_k(q + k) + b is then read from the same band
+    instead of running the convolution a second time. z equals the model's convolution up to float rounding
+    (summation order), and μ is exact for this z (contributions sum to it). ``None`` when not applicable.
+    """
+    conv = branch.conv
+    if (conv is None or conv.post is not None or conv.groups != 1 or conv.stride != (1, 1)
+            or conv.weight.shape[1] < conv.weight.shape[0] or (conv.n_offsets == 1 and branch.pool is None)):
+        return None
+    if branch.pool is not None and not (branch.pool.stride == branch.pool.kernel and branch.pool.padding == (0, 0)
+                                        and branch.pool.dilation == (1, 1)):
+        return None
+    cout, cin = conv.weight.shape[:2]
+    (kh, kw), (dh, dw), (ph, pw) = conv.kernel, conv.dilation, conv.padding
+    K = kh * kw
+    mat = conv.weight.permute(2, 3, 1, 0).reshape(K, cin, cout).permute(1, 0, 2).reshape(cin, K * cout)
+    sources = list(_path_sources(branch, v, pooled, idx))
+    us = [(F.pad(src, (pw, pw, ph, ph)) if ph or pw else src).permute(0, 2, 3, 1).contiguous()
+          for src, _ in sources]
+    N, Hp, Wp, _ = us[0].shape
+    h, w = Hp - dh * (kh - 1), Wp - dw * (kw - 1)
+    row_bytes = len(us) * N * Wp * K * cout * us[0].element_size()
+    band = max(1, min(h, (band_bytes or (1 << 23) * torch.get_num_threads()) // max(row_bytes, 1)))
+    zs, dots, norms = [], [], []
+    for t0 in range(0, h, band):
+        rows = min(h, t0 + band) - t0
+        ys = [(u[:, t0:t0 + rows + dh * (kh - 1)].reshape(-1, cin) @ mat).view(N, -1, Wp, K, cout) for u in us]
+        at = [[y[:, a * dh:a * dh + rows, b * dw:b * dw + w, a * kw + b] for a in range(kh) for b in range(kw)]
+              for y in ys]
+        zb = functools.reduce(torch.add, [t for per in at for t in per])  # (N, rows, w, cout)
+        if branch.bias is not None:
+            zb = zb + branch.bias
+        zs.append(zb)
+        dots.append(torch.stack([(t * zb).sum(-1) for per in at for t in per], 1))
+        if branch.bias is not None:
+            nrm = [torch.linalg.vector_norm(y, dim=-1) for y in ys]  # (N, rows + halo, Wp, K)
+            norms.append(torch.stack([n[:, a * dh:a * dh + rows, b * dw:b * dw + w, a * kw + b]
+                                      for n in nrm for a in range(kh) for b in range(kw)], 1))
+    z = torch.cat(zs, 1).permute(0, 3, 1, 2).contiguous()
+    zz = (z * z).sum(1)
+    inv = torch.where(zz > 0, 1.0 / torch.where(zz > 0, zz, torch.ones_like(zz)), torch.zeros_like(zz))
+    norm = torch.cat(norms, 2) if branch.bias is not None else None
+    bias = branch.bias.view(1, -1, 1, 1) if branch.bias is not None else None
+    return z, _mu_from(torch.cat(dots, 2), norm, z, inv, bias, [valid[:, 0] for _, valid in sources])
