@@ -196,6 +196,40 @@ def test_benchmark_resume_and_outputs(tmp_path, monkeypatch):
     assert "input_x_gradient" in (out / "table.txt").read_text()
 
 
+def test_benchmark_caps_and_extension(tmp_path, monkeypatch):
+    """Per-method caps, a separate stability count, and a rerun on more images that reuses what it has."""
+    from sae_cafe.evaluation.benchmark import BenchmarkConfig, run_saliency_benchmark
+
+    model = tiny_seq()
+    x = torch.randn(4, 3, 32, 32, generator=torch.Generator().manual_seed(6))
+    masks = torch.zeros(4, 32, 32, dtype=torch.bool)
+    masks[:, 4:16, 4:16] = True
+    methods = ["input_x_gradient", "saliency"]
+    cfg = BenchmarkConfig(n_fidelity=2, n_stability=1, max_images={"saliency": 3}, max_stability={"saliency": 0},
+                          n_subsets=10, n_noise=2, n_examples=1, batch_size=2)
+    res = run_saliency_benchmark(model, x[:3], masks[:3], None, methods, cfg, state_dir=tmp_path, progress=False)
+    ixg, sal = res.scores["input_x_gradient"], res.scores["saliency"]
+    assert np.isfinite(ixg["fidelity"][:2]).all() and np.isnan(ixg["fidelity"][2])
+    assert np.isfinite(ixg["stability"][0]) and np.isnan(ixg["stability"][1:]).all()
+    assert np.isnan(sal["stability"]).all() and np.isfinite(sal["sparseness"]).all()
+    rows = {r["method"]: r for r in res.table()}
+    assert rows["input_x_gradient"]["stability_n"] == 1 and rows["saliency"]["fidelity_n"] == 2
+
+    calls = []
+    real = B.REGISTRY["input_x_gradient"]
+    monkeypatch.setitem(B.REGISTRY, "input_x_gradient", B.Baseline(
+        "input_x_gradient", lambda a, xx, t: calls.append(len(xx)) or real.fn(a, xx, t), "captum"))
+    monkeypatch.setitem(B.REGISTRY, "saliency", B.Baseline("saliency", _boom, "x"))  # capped at 3: all stored
+    cfg2 = BenchmarkConfig(n_fidelity=2, n_stability=2, max_images={"saliency": 3}, max_stability={"saliency": 0},
+                           n_subsets=10, n_noise=2, n_examples=1, batch_size=2)
+    more = run_saliency_benchmark(model, x, masks, None, methods, cfg2, state_dir=tmp_path, progress=False)
+    # image 1 now needs stability and image 3 is new: one batch of 2 maps, then 2 noisy copies of image 1
+    assert calls == [2, 2] and np.isfinite(more.scores["input_x_gradient"]["stability"][:2]).all()
+    assert np.isnan(more.scores["saliency"]["sparseness"][3])
+    for k in ("pointing", "sparseness", "fidelity"):
+        assert np.allclose(more.scores["input_x_gradient"][k][:3], ixg[k], equal_nan=True), k
+
+
 def _boom(*_a):
     raise AssertionError("recomputed although the per-image result was saved")
 

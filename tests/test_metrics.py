@@ -85,6 +85,13 @@ def test_fidelity_and_insertion_deletion_known_answers():
     assert fid.tolist() == pytest.approx([1.0, 1.0], abs=1e-9)
     fid_neg = M.mu_fidelity(model, x, t, -exact, n_subsets=50, generator=torch.Generator().manual_seed(0))
     assert fid_neg.tolist() == pytest.approx([-1.0, -1.0], abs=1e-9)
+    # the logit drops do not depend on the map: computed once and passed in, the score is the same
+    sub50 = M.grid_subsets(2, 18, 18, 50, generator=torch.Generator().manual_seed(0))
+    deltas = M.fidelity_deltas(model, x, t, sub50)
+    assert deltas.shape == (2, 50)
+    noisy = exact + 0.3 * torch.randn(exact.shape, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(M.mu_fidelity(model, x, t, noisy, sub50, deltas=deltas),
+                       M.mu_fidelity(model, x, t, noisy, sub50))
     # subsets: 20 % of a 9×9 grid = 16 whole cells
     sub = M.grid_subsets(1, 18, 18, 5, generator=torch.Generator().manual_seed(0))
     assert sub.shape == (1, 5, 18, 18) and (sub.flatten(2).sum(2) == 16 * 4).all()

@@ -241,7 +241,8 @@ class AttackResult:
     method: str
     x_adv: torch.Tensor  # (N,3,H,W)
     maps: dict[str, torch.Tensor]  # "orig", "target", "adv": (N,H,W) with the real model
-    scores: dict[str, np.ndarray]  # "<score>_to_target|_to_orig", max_prob_change, same_class, input_linf,
+    scores: dict[str, np.ndarray]  # "<score>_to_target|_to_orig|_orig_to_target" (the last: before the attack),
+    #                               max_prob_change, same_class, input_linf,
     #                               nonfinite_grad_steps (steps whose NaN/inf gradient entries were zeroed)
     loss_curve: list[float]
 
@@ -257,7 +258,7 @@ def manipulate(model: ModelAdapter | nn.Module, method: str, x: torch.Tensor, x_
     adapter = get_adapter(model)
     reason = attack_applicability(method, adapter)
     if reason:
-        raise NotApplicable(method, reason[4:-1])
+        raise NotApplicable(method, reason[5:-1])
     fn = DIFFERENTIABLE[method]
     torch.manual_seed(cfg.seed)
     x, x_target = x.detach(), x_target.detach()
@@ -294,6 +295,8 @@ def manipulate(model: ModelAdapter | nn.Module, method: str, x: torch.Tensor, x_
         p_adv = adapter.model(x_adv).softmax(1)
     scores = {f"{k}_to_target": v for k, v in similarity_scores(h_adv, h_tgt).items()}
     scores.update({f"{k}_to_orig": v for k, v in similarity_scores(h_adv, h_orig).items()})
+    # reference: how alike the two maps already were before the attack
+    scores.update({f"{k}_orig_to_target": v for k, v in similarity_scores(h_orig, h_tgt).items()})
     scores["max_prob_change"] = (p_adv - p_orig).abs().amax(1).cpu().numpy()
     scores["same_class"] = (p_adv.argmax(1) == t).float().cpu().numpy()
     linf = (adapter.denormalize(x_adv) - adapter.denormalize(x)).abs().flatten(1).amax(1)
@@ -304,7 +307,8 @@ def manipulate(model: ModelAdapter | nn.Module, method: str, x: torch.Tensor, x_
 
 # ------------------------------------------------------------------ benchmark --------------------------------
 ATTACK_SCORES = ("ssim_to_target", "pearson_to_target", "mse_to_target", "ssim_to_orig", "pearson_to_orig",
-                 "mse_to_orig", "max_prob_change", "same_class", "nonfinite_grad_steps")
+                 "mse_to_orig", "ssim_orig_to_target", "pearson_orig_to_target", "mse_orig_to_target",
+                 "max_prob_change", "same_class", "nonfinite_grad_steps")
 
 
 def make_pairs(model: ModelAdapter | nn.Module, x: torch.Tensor, n_pairs: int, seed: int = 0

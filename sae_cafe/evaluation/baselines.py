@@ -288,12 +288,13 @@ def _cam(cls_name: str, a: ModelAdapter, x: torch.Tensor, t: torch.Tensor, **kw)
     layer, reshape = cam_target_layer(a)
     cls = getattr(pytorch_grad_cam, cls_name)
     was_training = a.model.training
-    with cls(model=a.model, target_layers=[a.model.get_submodule(layer)], reshape_transform=reshape) as cam:
+    # the library's per-channel tqdm bars and FullGrad's print (in its constructor) would garble the
+    # benchmark's progress
+    with open(os.devnull, "w") as null, contextlib.redirect_stderr(null), contextlib.redirect_stdout(null), \
+            cls(model=a.model, target_layers=[a.model.get_submodule(layer)], reshape_transform=reshape) as cam:
         for k, v in kw.items():
             setattr(cam, k, v)
-        # the library's per-channel tqdm bars and FullGrad's print would garble the benchmark's progress
-        with torch.enable_grad(), open(os.devnull, "w") as null, contextlib.redirect_stderr(null), \
-                contextlib.redirect_stdout(null):
+        with torch.enable_grad():
             out = cam(input_tensor=x, targets=[ClassifierOutputTarget(int(i)) for i in t])
     a.model.train(was_training)
     return torch.from_numpy(out).to(x.device)

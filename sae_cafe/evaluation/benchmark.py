@@ -8,7 +8,9 @@
 Every method's maps for an image are computed once (timed: seconds per image), then every metric sees
 them through its one post-processing (``postprocess.METRIC_POSTPROCESS``). μ-fidelity subsets and
 stability noise are drawn per image from ``seed`` and the image index, so every method is scored on the
-same subsets and noise.
+same subsets and noise; the μ-fidelity logit drops of those subsets do not depend on the map and are computed
+once per image for all methods. A record missing a metric that a later run needs (more images for
+stability, say) is recomputed; the others are reused.
 """
 
 from __future__ import annotations
@@ -30,7 +32,7 @@ from ..errors import SaeCafeError
 from ..models import get_adapter
 from ..models.base import ModelAdapter
 from . import baselines as B
-from .metrics import HIGHER_IS_BETTER, METRICS, evaluate_maps, grid_subsets
+from .metrics import HIGHER_IS_BETTER, METRICS, evaluate_maps, fidelity_deltas, grid_subsets
 from .postprocess import METRIC_POSTPROCESS
 
 CURVES = ("insertion_curve", "deletion_curve")
@@ -38,12 +40,18 @@ CURVES = ("insertion_curve", "deletion_curve")
 
 @dataclass
 class BenchmarkConfig:
-    """Benchmark parameters (method_spec §5.2). ``n_fidelity``: the first images get μ-fidelity and
-    stability too (None: all). ``batch_size``: images per explanation call; ``stability_batch_size``:
-    noisy copies per explanation call in the stability metric."""
+    """Benchmark parameters (method_spec §5.2). ``n_fidelity``: the first images get μ-fidelity (None: all);
+    ``n_stability``: the first images get stability (None: as ``n_fidelity``); ``max_images``: per-method cap
+    on the images scored (e.g. ``{"rise": 50}``; its rows then report fewer images); ``max_stability``: the
+    same for stability alone (re-explaining 20 noisy copies is what makes it dear). ``batch_size``: images
+    per explanation call; ``stability_batch_size``: noisy copies per explanation call in the stability
+    metric."""
 
     metrics: tuple[str, ...] = METRICS
     n_fidelity: int | None = 100
+    n_stability: int | None = None
+    max_images: dict[str, int] = field(default_factory=dict)
+    max_stability: dict[str, int] = field(default_factory=dict)
     n_subsets: int = 200
     fidelity_grid: int = 9
     fidelity_frac: float = 0.2
@@ -143,7 +151,8 @@ def _per_image_generator(seed: int, index: int, salt: int) -> torch.Generator:
 
 def _state_key(adapter: ModelAdapter, cfg: BenchmarkConfig, x: torch.Tensor) -> str:
     keep = {k: v for k, v in asdict(cfg).items() if k not in ("batch_size", "stability_batch_size", "n_examples",
-                                                              "n_fidelity")}
+                                                              "n_fidelity", "n_stability", "max_images",
+                                                              "max_stability")}
     return hash_json({"cfg": keep, "model": adapter.name, "weights": adapter.weights_hash,
                       "shape": list(x.shape[1:])})[:16]
 
@@ -153,6 +162,15 @@ def _read_state(path: Path) -> dict | None:
         return json.loads(path.read_text())
     except (OSError, json.JSONDecodeError):
         return None
+
+
+def _record_usable(rec: dict | None, need: set[str]) -> bool:
+    """A stored per-image record answers this run when it has every expensive metric the run needs for that
+    image (``computed``; older records without it: a stored non-null score)."""
+    if rec is None:
+        return False
+    have = set(rec.get("computed") or [k for k, v in rec.get("scores", {}).items() if v is not None])
+    return need <= have
 
 
 def _nan_list(v) -> list:
@@ -182,6 +200,9 @@ def run_saliency_benchmark(model: ModelAdapter | nn.Module, images, masks=None, 
     ids = list(image_ids) if image_ids is not None else [f"{i:06d}" for i in range(N)]
     method_list = resolve_methods(methods)
     n_fid = N if cfg.n_fidelity is None else min(N, cfg.n_fidelity)
+    n_fid = n_fid if "fidelity" in cfg.metrics else 0
+    n_stab = n_fid if cfg.n_stability is None else min(N, cfg.n_stability)
+    n_stab = n_stab if "stability" in cfg.metrics else 0
     n_ex = min(cfg.n_examples, N)
     res = BenchmarkResult(adapter.name, method_list, ids, cfg)
     res.example_images = adapter.denormalize(x_all[:n_ex]).clamp(0, 1).permute(0, 2, 3, 1).cpu().numpy()
@@ -189,6 +210,18 @@ def run_saliency_benchmark(model: ModelAdapter | nn.Module, images, masks=None, 
     if state_dir is not None:
         state = Path(state_dir) / _state_key(adapter, cfg, x_all)
         state.mkdir(parents=True, exist_ok=True)
+    cheap_metrics = tuple(k for k in cfg.metrics if k not in ("fidelity", "stability"))
+    fid_cache: dict[int, torch.Tensor] = {}
+
+    def fidelity_inputs(i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Subsets of image i (drawn from seed and i) and their logit drops. The drops are the same for every
+        method, so the perturbed forwards run once per image (cached), not once per method and image."""
+        sub = grid_subsets(1, H, W, cfg.n_subsets, cfg.fidelity_grid, cfg.fidelity_frac,
+                           _per_image_generator(cfg.seed, i, 1)).to(x_all.device)
+        if i not in fid_cache:
+            fid_cache[i] = fidelity_deltas(adapter, x_all[i:i + 1], t_all[i:i + 1], sub)[0]
+        return sub[0], fid_cache[i]
+
     total = len(method_list) * N
     bar = tqdm(total=total, desc=f"saliency {adapter.name}", unit="map", disable=not progress)
     for method in method_list:
@@ -197,6 +230,8 @@ def run_saliency_benchmark(model: ModelAdapter | nn.Module, images, masks=None, 
             res.not_applicable[method] = reason
             bar.update(N)
             continue
+        n_m = min(N, cfg.max_images.get(method, N))
+        n_st = min(n_stab, cfg.max_stability.get(method, n_stab))
         sc = {k: np.full(N, np.nan) for k in cfg.metrics}
         cv = {k: np.full((N, cfg.steps + 1), np.nan) for k in CURVES}
         secs = np.full(N, np.nan)
@@ -205,13 +240,14 @@ def run_saliency_benchmark(model: ModelAdapter | nn.Module, images, masks=None, 
         if mdir:
             mdir.mkdir(exist_ok=True)
         todo = []
-        for i in range(N):
+        for i in range(n_m):
             rec = _read_state(mdir / f"{ids[i]}.json") if mdir else None
-            if rec is None or (i < n_ex and not (mdir / f"{ids[i]}.example.safetensors").exists()):
+            need = {k for k, n_k in (("fidelity", n_fid), ("stability", n_st)) if i < n_k}
+            if not _record_usable(rec, need) or (i < n_ex and not (mdir / f"{ids[i]}.example.safetensors").exists()):
                 todo.append(i)
                 continue
             for k in cfg.metrics:
-                if rec["scores"].get(k) is not None:
+                if rec["scores"].get(k) is not None and (k not in ("fidelity", "stability") or k in need):
                     sc[k][i] = rec["scores"][k]
             for k in CURVES:
                 if rec["curves"].get(k) is not None:
@@ -229,25 +265,24 @@ def run_saliency_benchmark(model: ModelAdapter | nn.Module, images, masks=None, 
                 maps = B.explain(method, adapter, xb, tb)
                 dt = (time.perf_counter() - t0) / len(idx)
                 mb = masks[idx] if masks is not None else None
+                out = evaluate_maps(adapter, xb, tb, maps, mb, metrics=cheap_metrics, steps=cfg.steps)
                 fid_rows = [j for j, i in enumerate(idx) if i < n_fid]
-                out = evaluate_maps(adapter, xb, tb, maps, mb,
-                                    metrics=tuple(k for k in cfg.metrics if k not in ("fidelity", "stability")),
-                                    steps=cfg.steps)
-                if fid_rows and ({"fidelity", "stability"} & set(cfg.metrics)):
-                    fi = [idx[j] for j in fid_rows]
-                    subsets = torch.stack([grid_subsets(1, H, W, cfg.n_subsets, cfg.fidelity_grid, cfg.fidelity_frac,
-                                                        _per_image_generator(cfg.seed, i, 1))[0] for i in fi])
+                if fid_rows:
+                    inputs = [fidelity_inputs(idx[j]) for j in fid_rows]
+                    v = evaluate_maps(adapter, xb[fid_rows], tb[fid_rows], maps[fid_rows], metrics=("fidelity",),
+                                      fidelity_subsets=torch.stack([u[0] for u in inputs]),
+                                      fidelity_deltas=torch.stack([u[1] for u in inputs]))["fidelity"]
+                    out["fidelity"] = torch.full((len(idx),), float("nan"))
+                    out["fidelity"][fid_rows] = v.cpu().float()
+                stab_rows = [j for j, i in enumerate(idx) if i < n_st]
+                if stab_rows:
                     noise = torch.stack([torch.rand(cfg.n_noise, C, H, W, generator=_per_image_generator(
-                        cfg.seed, i, 2)) * cfg.noise_radius for i in fi], 1)
-                    extra = evaluate_maps(adapter, xb[fid_rows], tb[fid_rows], maps[fid_rows],
-                                          metrics=tuple(k for k in cfg.metrics if k in ("fidelity", "stability")),
-                                          explain=explain_fn, fidelity_subsets=subsets.to(xb.device),
-                                          stability_noise=noise.to(xb.device), n_noise=cfg.n_noise,
-                                          explain_batch_size=cfg.stability_batch_size)
-                    for k, v in extra.items():
-                        full = torch.full((len(idx),), float("nan"))
-                        full[fid_rows] = v.cpu().float()
-                        out[k] = full
+                        cfg.seed, idx[j], 2)) * cfg.noise_radius for j in stab_rows], 1)
+                    v = evaluate_maps(adapter, xb[stab_rows], tb[stab_rows], maps[stab_rows], metrics=("stability",),
+                                      explain=explain_fn, stability_noise=noise.to(xb.device), n_noise=cfg.n_noise,
+                                      explain_batch_size=cfg.stability_batch_size)["stability"]
+                    out["stability"] = torch.full((len(idx),), float("nan"))
+                    out["stability"][stab_rows] = v.cpu().float()
                 for j, i in enumerate(idx):
                     for k in cfg.metrics:
                         if k in out:
@@ -265,6 +300,7 @@ def run_saliency_benchmark(model: ModelAdapter | nn.Module, images, masks=None, 
                             os.replace(mdir / f".{ids[i]}.example.tmp", mdir / f"{ids[i]}.example.safetensors")
                         atomic_write_json(mdir / f"{ids[i]}.json", {
                             "scores": {k: _nan_list(sc[k][i])[0] for k in cfg.metrics},
+                            "computed": [k for k, n_k in (("fidelity", n_fid), ("stability", n_st)) if i < n_k],
                             "curves": {k: _nan_list(cv[k][i]) if np.isfinite(cv[k][i]).all() else None
                                        for k in CURVES},
                             "seconds": dt, "target": int(t_all[i])})
@@ -276,7 +312,7 @@ def run_saliency_benchmark(model: ModelAdapter | nn.Module, images, masks=None, 
             res.errors[method] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             continue
         res.scores[method], res.curves[method], res.seconds[method] = sc, cv, secs
-        if n_ex:
+        if n_ex and all(e is not None for e in ex):
             res.examples[method] = np.stack(ex)
     bar.close()
     return res

@@ -20,7 +20,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                         "pointing/localisation are skipped)")
     p.add_argument("--n", type=int, default=500, help="images (default 500)")
     p.add_argument("--n-fidelity", type=int, default=100,
-                   help="the first N images also get μ-fidelity and stability (default 100)")
+                   help="the first N images also get μ-fidelity (default 100)")
+    p.add_argument("--n-stability", type=int, default=None,
+                   help="the first N images also get stability (default: as --n-fidelity)")
+    p.add_argument("--max-images", action="append", default=[], metavar="METHOD=N",
+                   help="score METHOD on its first N images only (repeatable; e.g. rise=50 for a costly method)")
+    p.add_argument("--max-stability", action="append", default=[], metavar="METHOD=N",
+                   help="stability of METHOD on its first N images only (repeatable)")
     p.add_argument("--methods", default="all", help="comma list, 'cheap' or 'all' (default all)")
     p.add_argument("--metrics", default=None, help="comma list of metrics (default all)")
     p.add_argument("--run", default="demo", help="run name (default demo)")
@@ -47,8 +53,14 @@ def mask_through_preprocess(adapter, mask: np.ndarray) -> np.ndarray:
     return (t > 0.5).cpu().numpy()
 
 
+#: scenes generated when the run has no exported world: a fixed pool, so that image ``000042`` is the same
+#: scene whatever ``--n`` is and a run extended to more images resumes the images it already scored.
+WORLD_POOL = 500
+
+
 def load_world_data(run: str, n: int, seed: int, root=None):
-    """(images uint8 (N,h,w,3), masks (N,h,w) bool, labels (N,), ids, upstream) of the concept world."""
+    """(images uint8 (N,h,w,3), masks (N,h,w) bool, labels (N,), ids, upstream) of the concept world: the
+    run's exported world, else the first ``n`` of ``max(n, WORLD_POOL)`` scenes generated with ``seed``."""
     from ..artifacts import is_finished, stage_path
     from ..world import WorldDataset, generate, load_world
 
@@ -58,8 +70,10 @@ def load_world_data(run: str, n: int, seed: int, root=None):
         if len(ds) < n:
             print(f"note: {wdir} has {len(ds)} images; using all of them")
     else:
-        print(f"note: no exported world at {wdir}; generating {n} scenes (seed {seed}) in memory")
-        ds, upstream = WorldDataset(generate(n, seed)), {}
+        pool = max(n, WORLD_POOL)
+        print(f"note: no exported world at {wdir}; using the first {n} of {pool} scenes generated in memory "
+              f"(seed {seed})")
+        ds, upstream = WorldDataset(generate(pool, seed)), {}
     w = ds.world
     k = min(n, len(ds))
     return w.images[:k], w.instance[:k] == 1, w.labels[:k], [ds.image_id(i) for i in range(k)], upstream
@@ -113,10 +127,28 @@ def _benchmark(args) -> int:
         else:
             targets = torch.as_tensor(np.asarray(labels), dtype=torch.long)
     metrics = tuple(m.strip() for m in args.metrics.split(",")) if args.metrics else METRICS
-    cfg = BenchmarkConfig(metrics=metrics, n_fidelity=args.n_fidelity, n_subsets=args.subsets,
-                          n_noise=args.noise_samples, seed=args.seed, batch_size=args.batch_size)
+    def caps(items: list[str], flag: str) -> dict[str, int]:
+        out = {}
+        for item in items:
+            name, _, k = item.partition("=")
+            if not k.strip().isdigit():
+                raise SaeCafeError(f"{flag} wants METHOD=N, got {item!r}")
+            out[name.strip()] = int(k)
+        return out
+
+    cfg = BenchmarkConfig(metrics=metrics, n_fidelity=args.n_fidelity, n_stability=args.n_stability,
+                          max_images=caps(args.max_images, "--max-images"),
+                          max_stability=caps(args.max_stability, "--max-stability"), n_subsets=args.subsets,
+                          n_noise=args.noise_samples, seed=args.seed,
+                          batch_size=args.batch_size)
     final = stage_path(args.run, "saliency", adapter.name, root=args.root)
     tmp = final.with_name(f".{final.name}.tmp")  # kept across interruptions: per-image results resume
+    if not tmp.exists() and (final / "per_image").is_dir():
+        # a finished stage keeps its per-image results: a rerun (more images, more methods) starts from them
+        import shutil
+
+        shutil.copytree(final / "per_image", tmp / "per_image.partial")
+        (tmp / "per_image.partial").rename(tmp / "per_image")
     tmp.mkdir(parents=True, exist_ok=True)
     res = run_saliency_benchmark(adapter, x, masks, targets, args.methods, cfg, state_dir=tmp / "per_image",
                                  image_ids=ids, progress=not args.no_progress)

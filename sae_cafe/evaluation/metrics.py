@@ -139,17 +139,33 @@ def _target_logits(module: nn.Module, x: torch.Tensor, target: torch.Tensor, bat
     return torch.cat(out)
 
 
+def fidelity_deltas(model: ModelAdapter | nn.Module, x: torch.Tensor, target: torch.Tensor,
+                    subsets: torch.Tensor, baseline: float = 0.0, batch_size: int = 64) -> torch.Tensor:
+    """(N, R) drop of the target logit f_t(x) − f_t(x with S := baseline) for each subset S of ``subsets``
+    ((N, R, H, W) or (N, R, C, H, W) bool). It does not depend on the map: a benchmark computes it once per
+    image and passes it to :func:`mu_fidelity` for every method (``deltas=``)."""
+    module = as_module(model)
+    N, C, H, W = x.shape
+    subsets = subsets.to(x.device)
+    R = subsets.shape[1]
+    sub = subsets if subsets.ndim == 5 else subsets[:, :, None].expand(N, R, C, H, W)
+    y0 = _target_logits(module, x, target, batch_size)
+    xp = torch.where(sub, torch.as_tensor(baseline, dtype=x.dtype, device=x.device), x[:, None])
+    yp = _target_logits(module, xp.reshape(N * R, C, H, W), target.repeat_interleave(R), batch_size)
+    return (y0[:, None] - yp.view(N, R)).double()
+
+
 def mu_fidelity(model: ModelAdapter | nn.Module, x: torch.Tensor, target: torch.Tensor,
                 maps_NHW: torch.Tensor, subsets: torch.Tensor | None = None, n_subsets: int = 200,
                 grid: int = 9, frac: float = 0.2, baseline: float = 0.0,
-                generator: torch.Generator | None = None, batch_size: int = 64
-                ) -> torch.Tensor:
+                generator: torch.Generator | None = None, batch_size: int = 64,
+                deltas: torch.Tensor | None = None) -> torch.Tensor:
     """(N,) μ-fidelity (Bhatt et al. 2020): Spearman(Σ_S a, f_t(x) − f_t(x with S := baseline)).
 
     ``subsets``: (N, R, H, W) or (N, R, C, H, W) bool; by default :func:`grid_subsets`. A per-channel
     subset sums the map once per selected channel (the map is broadcast over channels, as Quantus does).
+    ``deltas``: the (N, R) logit drops of these subsets from :func:`fidelity_deltas` (computed when None).
     """
-    module = as_module(model)
     N, C, H, W = x.shape
     if subsets is None:
         subsets = grid_subsets(N, H, W, n_subsets, grid, frac, generator, x.device)
@@ -157,11 +173,9 @@ def mu_fidelity(model: ModelAdapter | nn.Module, x: torch.Tensor, target: torch.
     R = subsets.shape[1]
     sub = subsets if subsets.ndim == 5 else subsets[:, :, None].expand(N, R, C, H, W)
     att = (maps_NHW[:, None, None].double() * sub).flatten(2).sum(2)  # (N, R)
-    y0 = _target_logits(module, x, target, batch_size)
-    xp = torch.where(sub, torch.as_tensor(baseline, dtype=x.dtype, device=x.device), x[:, None])
-    yp = _target_logits(module, xp.reshape(N * R, C, H, W), target.repeat_interleave(R), batch_size)
-    delta = (y0[:, None] - yp.view(N, R)).double()
-    return spearman(att, delta).float()
+    if deltas is None:
+        deltas = fidelity_deltas(model, x, target, subsets, baseline, batch_size)
+    return spearman(att, deltas.to(att.device).double()).float()
 
 
 def stability(explain: ExplainFn, x: torch.Tensor, target: torch.Tensor, maps_NHW: torch.Tensor | None = None,
@@ -228,14 +242,16 @@ HIGHER_IS_BETTER = {"pointing": True, "localisation": True, "sparseness": True, 
 def evaluate_maps(model: ModelAdapter | nn.Module, x: torch.Tensor, target: torch.Tensor,
                   maps_NHW: torch.Tensor, masks_NHW: torch.Tensor | None = None, metrics: tuple[str, ...] = METRICS,
                   explain: ExplainFn | None = None, fidelity_subsets: torch.Tensor | None = None,
-                  stability_noise: torch.Tensor | None = None, n_subsets: int = 200, n_noise: int = 20,
+                  fidelity_deltas: torch.Tensor | None = None, stability_noise: torch.Tensor | None = None,
+                  n_subsets: int = 200, n_noise: int = 20,
                   radius: float = 0.1, steps: int = 10, generator: torch.Generator | None = None,
                   batch_size: int = 64, explain_batch_size: int | None = None) -> dict[str, torch.Tensor]:
     """All requested metrics for one batch of raw maps, each after its post-processing. → {metric: (N,)}.
 
-    Also returns ``insertion_curve`` / ``deletion_curve`` (N, steps+1). Mask metrics need ``masks_NHW``;
-    stability needs ``explain(x, target)`` (the raw method), called on ``explain_batch_size`` noisy images at a
-    time; ``batch_size`` bounds plain forward passes.
+    Also returns ``insertion_curve`` / ``deletion_curve`` (N, steps+1). ``fidelity_deltas``: the (N, R)
+    logit drops of ``fidelity_subsets`` (:func:`fidelity_deltas`), reused across methods. Mask metrics need
+    ``masks_NHW``; stability needs ``explain(x, target)`` (the raw method), called on ``explain_batch_size``
+    noisy images at a time; ``batch_size`` bounds plain forward passes.
     """
     from .postprocess import for_metric
 
@@ -254,7 +270,7 @@ def evaluate_maps(model: ModelAdapter | nn.Module, x: torch.Tensor, target: torc
             out[m] = sparseness(a)
         elif m == "fidelity":
             out[m] = mu_fidelity(model, x, target, a, fidelity_subsets, n_subsets, generator=generator,
-                                 batch_size=batch_size)
+                                 batch_size=batch_size, deltas=fidelity_deltas)
         elif m == "stability":
             if explain is None:
                 continue
