@@ -1,0 +1,77 @@
+"""Render `sae-cafe benchmark-saliency` results (``table.csv`` of each model) as the README's markdown tables.
+
+    .venv/bin/python benchmarks/saliency_tables.py indexes/bench_saliency500/saliency mini_resnet mini_vgg mini_vit
+
+Mean ± s.e. per metric; **bold** = best in the column at the shown precision; "(n=…)" where a method was
+scored on fewer images than the column's usual count; methods that do not apply show their "n/a (reason)".
+"""
+
+from __future__ import annotations
+
+import csv
+import sys
+from collections import Counter
+from pathlib import Path
+
+NAMES = {"srd": "SRD (contrastive)", "srd_none": "SRD (no contrast)", "saliency": "Gradient (Saliency)",
+         "input_x_gradient": "Gradient×Input", "integrated_gradients": "Integrated Gradients (32)",
+         "smoothgrad": "SmoothGrad", "guided_backprop": "Guided Backprop", "deeplift": "DeepLift",
+         "gradcam": "Grad-CAM", "gradcam_pp": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "Layer-CAM",
+         "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM", "fullgrad": "FullGrad",
+         "lrp_epsilon_plus": "LRP ε+ (zennit)", "rise": "RISE"}
+# (column, header, higher is better, decimals)
+METRICS = [("pointing", "Poi ↑", True, 2), ("localisation", "Att ↑", True, 3), ("sparseness", "Spa ↑", True, 3),
+           ("fidelity", "Fid ↑", True, 3), ("stability", "Sta ↓", False, 3), ("insertion", "Ins ↑", True, 3),
+           ("deletion", "Del ↓", False, 3)]
+
+
+def _float(v: str) -> float | None:
+    try:
+        f = float(v)
+    except ValueError:
+        return None
+    return None if f != f else f
+
+
+def render(table_csv: Path) -> str:
+    rows = list(csv.DictReader(table_csv.open()))
+    order = {m: i for i, m in enumerate(NAMES)}
+    rows.sort(key=lambda r: order.get(r["method"], len(order)))
+    ok = [r for r in rows if r["status"] == "ok"]
+    lines = ["| method | " + " | ".join(h for _, h, _, _ in METRICS) + " | s/img |",
+             "|---|" + "---|" * (len(METRICS) + 1)]
+    best, usual = {}, {}
+    for key, _, higher, dec in METRICS:
+        vals = [round(v, dec) for r in ok if (v := _float(r[f"{key}_mean"])) is not None]
+        best[key] = (max(vals) if higher else min(vals)) if vals else None
+        counts = Counter(r[f"{key}_n"] for r in ok if _float(r[f"{key}_mean"]) is not None)
+        usual[key] = counts.most_common(1)[0][0] if counts else None
+    for r in rows:
+        name = NAMES.get(r["method"], r["method"])
+        if r["status"] != "ok":
+            lines.append(f"| {name} | {r['status']} |" + " |" * len(METRICS))
+            continue
+        cells = []
+        for key, _, _, dec in METRICS:
+            mean, se = _float(r[f"{key}_mean"]), _float(r[f"{key}_se"])
+            if mean is None:
+                cells.append("—")
+                continue
+            text = f"{mean:.{dec}f} ± {se or 0:.{dec}f}"
+            if round(mean, dec) == best[key]:
+                text = f"**{text}**"
+            if r[f"{key}_n"] != usual[key]:
+                text += f" (n={r[f'{key}_n']})"
+            cells.append(text)
+        lines.append(f"| {name} | " + " | ".join(cells) + f" | {float(r['sec_per_image']):.3f} |")
+    return "\n".join(lines)
+
+
+def main() -> None:
+    root = Path(sys.argv[1])
+    for model in sys.argv[2:]:
+        print(f"\n{model}:\n\n{render(root / model / 'table.csv')}")
+
+
+if __name__ == "__main__":
+    main()
