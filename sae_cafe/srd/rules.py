@@ -125,6 +125,17 @@ def _path_outputs(branch: Branch, src: torch.Tensor, chunk: int) -> Iterator[tor
         yield out.reshape(N, out.shape[1], cout, L)
 
 
+def _offset_stack(conv) -> torch.Tensor:
+    """(C_in, K·C_out): the kernel offsets' W_kᵀ side by side, so ``u @ M`` gives every y_k = W_k u at once."""
+    cout, cin = conv.weight.shape[:2]
+    return conv.weight.permute(1, 2, 3, 0).reshape(cin, conv.n_offsets * cout)
+
+
+def _band_rows(rows: int, row_bytes: int, band_bytes: int | None) -> int:
+    """Target rows per band: ~8 MB of GEMM output per thread (cache-resident for the reductions)."""
+    return max(1, min(rows, (band_bytes or (1 << 23) * torch.get_num_threads()) // max(row_bytes, 1)))
+
+
 class DenseConvPaths:
     """Per-path dot ⟨W_k u(s), z(q)⟩ and norm ‖W_k u(s)‖ of a dense (groups = 1) convolution, any stride,
     padding and dilation, computed channels-last in bands of target rows: per band, one GEMM over the band's
@@ -140,9 +151,7 @@ class DenseConvPaths:
     """
 
     def __init__(self, conv, z: torch.Tensor, need_norm: bool, band_bytes: int | None = None):
-        # ~8 MB of GEMM output per thread per band: cache-resident for the reductions, few ops per layer
-        self.band_bytes = band_bytes or (1 << 23) * torch.get_num_threads()
-        self.conv, self.need_norm = conv, need_norm
+        self.conv, self.need_norm, self.band_bytes = conv, need_norm, band_bytes
         w = conv.weight  # (cout, cin, kh, kw)
         self.cout, self.cin = w.shape[0], w.shape[1]
         self.K = conv.kernel[0] * conv.kernel[1]
@@ -163,7 +172,7 @@ class DenseConvPaths:
             self.mat = g.permute(1, 0, 2).reshape(self.cin, self.K * self.cin)
             self.width = self.cin
         else:
-            self.mat = wk.permute(1, 0, 2).reshape(self.cin, self.K * self.cout)  # (cin, K·cout)
+            self.mat = _offset_stack(conv)  # (cin, K·cout)
             self.width = self.cout
 
     def _at(self, t: torch.Tensor, k: int, rows: int) -> torch.Tensor:
@@ -186,7 +195,7 @@ class DenseConvPaths:
                                for k in range(self.K)], 1)
             return dot.flatten(2), None
         row_bytes = N * Wp * sh * self.K * self.width * u.element_size()
-        band = max(1, min(self.h, self.band_bytes // max(row_bytes, 1)))
+        band = _band_rows(self.h, row_bytes, self.band_bytes)
         dots, norms = [], []
         for t0 in range(0, self.h, band):
             rows = min(self.h, t0 + band) - t0
@@ -297,14 +306,14 @@ def fused_stage(branch: Branch, v: torch.Tensor, pooled: torch.Tensor | None, id
     cout, cin = conv.weight.shape[:2]
     (kh, kw), (dh, dw), (ph, pw) = conv.kernel, conv.dilation, conv.padding
     K = kh * kw
-    mat = conv.weight.permute(2, 3, 1, 0).reshape(K, cin, cout).permute(1, 0, 2).reshape(cin, K * cout)
+    mat = _offset_stack(conv)
     sources = list(_path_sources(branch, v, pooled, idx))
     us = [(F.pad(src, (pw, pw, ph, ph)) if ph or pw else src).permute(0, 2, 3, 1).contiguous()
           for src, _ in sources]
     N, Hp, Wp, _ = us[0].shape
     h, w = Hp - dh * (kh - 1), Wp - dw * (kw - 1)
     row_bytes = len(us) * N * Wp * K * cout * us[0].element_size()
-    band = max(1, min(h, (band_bytes or (1 << 23) * torch.get_num_threads()) // max(row_bytes, 1)))
+    band = _band_rows(h, row_bytes, band_bytes)
     zs, dots, norms = [], [], []
     for t0 in range(0, h, band):
         rows = min(h, t0 + band) - t0
