@@ -68,9 +68,15 @@ def render(table_csv: Path) -> str:
 
 
 def main() -> None:
+    if len(sys.argv) < 3:
+        sys.exit("usage: saliency_tables.py SALIENCY_DIR MODEL [MODEL ...]  (e.g. indexes/<run>/saliency mini_resnet)")
     root = Path(sys.argv[1])
     for model in sys.argv[2:]:
-        print(f"\n{model}:\n\n{render(root / model / 'table.csv')}")
+        table = root / model / "table.csv"
+        if not table.is_file():
+            sys.exit(f"{table} not found: run `sae-cafe benchmark-saliency --model {model} --run <run>` first, "
+                     f"or pass the saliency folder of that run")
+        print(f"\n{model}:\n\n{render(table)}")
 
 
 if __name__ == "__main__":
