@@ -67,6 +67,32 @@ def render(table_csv: Path) -> str:
     return "\n".join(lines)
 
 
+ATTACK_NAMES = NAMES | {"integrated_gradients": "IG", "lrp_epsilon_plus": "LRP ε+"}
+
+
+def render_attack(rows_by_model: dict[str, list[dict]]) -> str:
+    """One markdown table of the manipulation attack (``attack.csv``) of every model: before → after."""
+    lines = ["| model | method | SSIM→target before → after | PCC→target before → after | MSE→target after | "
+             "SSIM→orig after | PCC→orig after | max Δp | same class | s/pair |", "|---|" + "---|" * 9]
+    for model, rows in rows_by_model.items():
+        for r in rows:
+            name = ATTACK_NAMES.get(r["method"], r["method"])
+            if r["status"] != "ok":
+                if "not differentiable" not in r["status"]:
+                    lines.append(f"| {model} | {name} | {r['status']} |" + " |" * 7)
+                continue
+            f = {k: _float(v) for k, v in r.items() if k not in ("method", "status")}
+            lines.append(
+                f"| {model} | {name} | {f['ssim_orig_to_target_mean']:.3f} → {f['ssim_to_target_mean']:.3f} ± "
+                f"{f['ssim_to_target_se']:.3f} | {f['pearson_orig_to_target_mean']:.3f} → "
+                f"{f['pearson_to_target_mean']:.3f} ± {f['pearson_to_target_se']:.3f} | "
+                f"{f['mse_to_target_mean']:.4f} | "
+                f"{f['ssim_to_orig_mean']:.3f} ± {f['ssim_to_orig_se']:.3f} | {f['pearson_to_orig_mean']:.3f} ± "
+                f"{f['pearson_to_orig_se']:.3f} | {f['max_prob_change_mean']:.3f} | {f['same_class_mean']:.2f} | "
+                f"{f['sec_per_pair']:.0f} |")
+    return "\n".join(lines)
+
+
 def main() -> None:
     if len(sys.argv) < 3:
         sys.exit("usage: saliency_tables.py SALIENCY_DIR MODEL [MODEL ...]  (e.g. indexes/<run>/saliency mini_resnet)")
@@ -77,6 +103,10 @@ def main() -> None:
             sys.exit(f"{table} not found: run `sae-cafe benchmark-saliency --model {model} --run <run>` first, "
                      f"or pass the saliency folder of that run")
         print(f"\n{model}:\n\n{render(table)}")
+    attacks = {m: list(csv.DictReader((root / m / "attack.csv").open())) for m in sys.argv[2:]
+               if (root / m / "attack.csv").is_file()}
+    if attacks:
+        print(f"\nmanipulation attack ({', '.join(attacks)}):\n\n{render_attack(attacks)}")
 
 
 if __name__ == "__main__":

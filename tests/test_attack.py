@@ -18,7 +18,7 @@ warnings.filterwarnings("ignore")
 
 @pytest.mark.parametrize("make", [tiny_resnet, tiny_seq])
 def test_differentiable_versions_equal_library_maps(make, monkeypatch):
-    monkeypatch.setattr(B, "IG_STEPS", A.ATTACK_IG_STEPS)  # the attack's IG uses 16 steps
+    monkeypatch.setattr(B, "IG_STEPS", A.ATTACK_IG_STEPS)  # the attack's IG uses ATTACK_IG_STEPS steps
     model = make()
     adapter = get_adapter(model)
     x = torch.randn(1, 3, 48, 48, generator=torch.Generator().manual_seed(0))
@@ -82,3 +82,28 @@ def test_similarity_scores_known_answers():
     assert s["ssim"] == pytest.approx([1, 1]) and s["pearson"] == pytest.approx([1, 1])
     assert s["mse"] == pytest.approx([0, 0])
     assert isinstance(nn.ReLU(), nn.Module)
+
+
+def test_attack_benchmark_resumes_finished_methods(tmp_path, monkeypatch):
+    model = tiny_seq()
+    x = torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(3))
+    cfg = A.AttackConfig(iterations=3, lr=5e-2)
+    rows, res = A.run_attack_benchmark(model, x, ["saliency", "gradcam", "scorecam"], n_pairs=2, config=cfg,
+                                       progress=False, state_dir=tmp_path)
+    (state,) = list(tmp_path.iterdir())
+    assert sorted(p.name for p in state.iterdir()) == ["gradcam.json", "gradcam.safetensors",
+                                                       "saliency.json", "saliency.safetensors"]
+    (state / "gradcam.safetensors").write_bytes(b"cut short")  # an unreadable result is recomputed
+    calls = []
+    real = A.manipulate
+    monkeypatch.setattr(A, "manipulate", lambda model, m, *a, **k: calls.append(m) or real(model, m, *a, **k))
+    rows2, res2 = A.run_attack_benchmark(model, x, ["saliency", "gradcam", "scorecam"], n_pairs=2, config=cfg,
+                                         progress=False, state_dir=tmp_path)
+    assert calls == ["gradcam"]
+    assert rows2[0] == rows[0] and rows2[2] == rows[2] == {"method": "scorecam", "status": "n/a (not differentiable)"}
+    assert torch.equal(res2["saliency"].x_adv, res["saliency"].x_adv)
+    assert torch.allclose(res2["gradcam"].maps["adv"], res["gradcam"].maps["adv"])
+    # another configuration does not reuse these results
+    A.run_attack_benchmark(model, x, ["saliency"], n_pairs=2, config=A.AttackConfig(iterations=2), progress=False,
+                           state_dir=tmp_path)
+    assert calls == ["gradcam", "saliency"]

@@ -259,3 +259,20 @@ def test_cli_benchmark_on_world(tmp_path):
     assert "deeplift" in (stage / "table.csv").read_text()
     assert "n/a (not differentiable)" in (stage / "attack.csv").read_text()
     assert (stage / "attack.png").exists() and not (tmp_path / "t" / "saliency" / ".mini_resnet.tmp").exists()
+
+
+def test_benchmark_stochastic_method_is_reproducible_and_leaves_global_rng():
+    from sae_cafe.evaluation.benchmark import BenchmarkConfig, run_saliency_benchmark
+
+    x = torch.randn(3, 3, 16, 16, generator=torch.Generator().manual_seed(4))
+    cfg = BenchmarkConfig(metrics=("sparseness", "stability"), n_stability=3, n_noise=2, batch_size=2)
+    model = tiny_seq()
+    torch.manual_seed(123)
+    state = torch.get_rng_state()
+    a = run_saliency_benchmark(model, x, None, None, ["smoothgrad"], cfg, progress=False)
+    assert torch.equal(torch.get_rng_state(), state)
+    torch.manual_seed(999)  # another global state: the same scores
+    b = run_saliency_benchmark(model, x, None, None, ["smoothgrad"], cfg, progress=False)
+    for k in ("sparseness", "stability"):
+        assert np.isfinite(a.scores["smoothgrad"][k]).all()
+        np.testing.assert_array_equal(a.scores["smoothgrad"][k], b.scores["smoothgrad"][k])

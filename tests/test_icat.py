@@ -6,33 +6,21 @@ import sys
 
 import pytest
 import torch
-from sae_lens import StandardSAE, StandardSAEConfig, TopKSAE, TopKSAEConfig
+from tiny_models import mini_resnet_32, random_sae
 
 from sae_cafe.icat import attribute, attribute_pair, insertion_deletion, prepare_pair
 from sae_cafe.icat.attribute import sae_encode_with_pre
 from sae_cafe.models import PFVBatch, make_adapter
-from sae_cafe.models.mini import make_mini_resnet
 
 torch.set_num_threads(1)  # 2 threads on the shared, busy 2-core box is ~20x slower (spin-waits)
 
 
-def _sae(d_in: int, d_sae: int, seed: int, topk: int | None = None):
-    torch.manual_seed(seed)
-    if topk:
-        sae = TopKSAE(TopKSAEConfig(d_in=d_in, d_sae=d_sae, k=topk))
-    else:
-        sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, d_in ** -0.5)
-        sae.b_enc.fill_(0.0)
-    return sae.eval()
+_sae = random_sae
 
 
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = make_mini_resnet().eval()
-    adapter = make_adapter(model, "mini_resnet_test", input_size=(32, 32), resize=None)
+    adapter = mini_resnet_32("mini_resnet_test")
     saes = {"layer2": _sae(32, 64, 1), "layer3": _sae(48, 96, 2), "layer4": _sae(64, 64, 3)}
     x = torch.randn(2, 3, 32, 32)
     return adapter, saes, x

@@ -9,7 +9,7 @@ import networkx as nx
 import numpy as np
 import pytest
 import torch
-from sae_lens import StandardSAE, StandardSAEConfig
+from tiny_models import mini_resnet_32, random_sae
 
 from sae_cafe.artifacts import read_manifest
 from sae_cafe.icat import (
@@ -26,29 +26,15 @@ from sae_cafe.icat import (
     write_graph,
 )
 from sae_cafe.icat.graph import prune_parents
-from sae_cafe.models import make_adapter
-from sae_cafe.models.mini import make_mini_resnet
 
 torch.set_num_threads(1)  # 2 threads on the shared, busy 2-core box is ~20x slower (spin-waits)
 LAYERS = ["layer2", "layer3", "layer4"]
 
 
-def _sae(d_in: int, d_sae: int, seed: int):
-    torch.manual_seed(seed)
-    sae = StandardSAE(StandardSAEConfig(d_in=d_in, d_sae=d_sae))
-    with torch.no_grad():
-        sae.W_enc.normal_(0, d_in ** -0.5)
-        sae.b_enc.fill_(0.0)
-    return sae.eval()
-
-
 @pytest.fixture(scope="module")
 def setup():
-    torch.manual_seed(0)
-    model = make_mini_resnet().eval()
-    adapter = make_adapter(model, "mini_resnet", input_size=(32, 32), resize=None,
-                           class_names=[f"c{i}" for i in range(12)])
-    saes = {"layer2": _sae(32, 48, 1), "layer3": _sae(48, 64, 2), "layer4": _sae(64, 64, 3)}
+    adapter = mini_resnet_32(class_names=[f"c{i}" for i in range(12)])
+    saes = {"layer2": random_sae(32, 48, 1), "layer3": random_sae(48, 64, 2), "layer4": random_sae(64, 64, 3)}
     x = torch.randn(4, 3, 32, 32)
     return adapter, saes, x
 

@@ -306,3 +306,26 @@ def test_errors_are_clear():
         nan_model.layer2[0].conv1.weight[0, 0, 0, 0] = float("inf")
     with pytest.raises(NonFiniteError, match="layer2"):
         srd_saliency(nan_model, x, 0)
+
+
+def test_differentiable_path_matches_banded_and_gradcheck_float64():
+    """``differentiable=True`` takes the unfolded rule path (the banded channels-last forms are skipped under
+    autograd): same maps as the banded path in float64, and its input gradient passes ``gradcheck``. The net
+    has every banded form: RGB outer product, gram (C_in < C_out), direct and fused (C_in ≥ C_out, after a
+    tiling max-pool)."""
+    torch.manual_seed(5)
+    model = randomize_bn(nn.Sequential(
+        nn.Conv2d(3, 6, 3, padding=1), nn.ReLU(),                        # outer (RGB)
+        nn.Conv2d(6, 10, 3, padding=1), nn.BatchNorm2d(10), nn.ReLU(),   # gram
+        nn.MaxPool2d(2),
+        nn.Conv2d(10, 6, 3, padding=1), nn.ReLU(),                       # fused (pool + C_in ≥ C_out)
+        nn.Conv2d(6, 4, 3, stride=2, padding=1), nn.ReLU(),              # strided, C_in ≥ C_out
+        nn.Flatten(), nn.Linear(4 * 2 * 2, 3))).double()
+    x = torch.randn(2, 3, 8, 8, dtype=torch.float64)
+    banded = srd_saliency(model, x, 1, dtype=torch.float64)
+    xg = x.clone().requires_grad_(True)
+    unfolded = srd_saliency(model, xg, 1, differentiable=True, dtype=torch.float64)
+    assert unfolded.requires_grad
+    assert (unfolded.detach() - banded).abs().max() <= 1e-12 * banded.abs().max()
+    assert torch.autograd.gradcheck(lambda v: srd_saliency(model, v, 1, differentiable=True, dtype=torch.float64),
+                                    (xg,), eps=1e-6, atol=1e-6, rtol=1e-4)

@@ -114,18 +114,7 @@ class ImageSource:
             return
         if self.items is not None:
             for a in range(start, len(self.items), bs):
-                chunk = list(self.items[a:a + bs])
-                ids, pils = [], []
-                local = SkipReport()
-                for name, img in iter_images(chunk, skip_bad=self.skip_bad, report=local):
-                    ids.append(self._name(name, a, chunk))
-                    pils.append(img)
-                for n, r in local.skipped:
-                    self.report.add(self._name(n, a, chunk), r)
-                if pils:
-                    yield ids, self.adapter.preprocess(pils).to(self.adapter.device), a + len(chunk)
-                else:
-                    yield [], torch.empty(0), a + len(chunk)
+                yield self._image_batch(list(self.items[a:a + bs]), a)
             return
         yield from self._iter_generic(start)
 
@@ -163,12 +152,13 @@ class ImageSource:
             pending.append(el)
             pos += 1
             if len(pending) == self.batch_size:
-                yield self._generic_batch(pending, pending_pos)
+                yield self._image_batch(pending, pending_pos)
                 pending = []
         if pending:
-            yield self._generic_batch(pending, pending_pos)
+            yield self._image_batch(pending, pending_pos)
 
-    def _generic_batch(self, items: list, first: int) -> tuple[list[str], torch.Tensor, int]:
+    def _image_batch(self, items: list, first: int) -> tuple[list[str], torch.Tensor, int]:
+        """Read and preprocess ``items`` (source positions ``first…``); unreadable ones are skipped (or raise)."""
         ids, pils = [], []
         local = SkipReport()
         for name, img in iter_images(items, skip_bad=self.skip_bad, report=local):

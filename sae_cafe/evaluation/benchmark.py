@@ -258,53 +258,58 @@ def run_saliency_benchmark(model: ModelAdapter | nn.Module, images, masks=None, 
         bar.update(N - len(todo))
         explain_fn = B.make_explainer(method, adapter)
         try:
-            for s in range(0, len(todo), cfg.batch_size):
-                idx = todo[s:s + cfg.batch_size]
-                xb, tb = x_all[idx], t_all[idx]
-                t0 = time.perf_counter()
-                maps = B.explain(method, adapter, xb, tb)
-                dt = (time.perf_counter() - t0) / len(idx)
-                mb = masks[idx] if masks is not None else None
-                out = evaluate_maps(adapter, xb, tb, maps, mb, metrics=cheap_metrics, steps=cfg.steps)
-                fid_rows = [j for j, i in enumerate(idx) if i < n_fid]
-                if fid_rows:
-                    inputs = [fidelity_inputs(idx[j]) for j in fid_rows]
-                    v = evaluate_maps(adapter, xb[fid_rows], tb[fid_rows], maps[fid_rows], metrics=("fidelity",),
-                                      fidelity_subsets=torch.stack([u[0] for u in inputs]),
-                                      fidelity_deltas=torch.stack([u[1] for u in inputs]))["fidelity"]
-                    out["fidelity"] = torch.full((len(idx),), float("nan"))
-                    out["fidelity"][fid_rows] = v.cpu().float()
-                stab_rows = [j for j, i in enumerate(idx) if i < n_st]
-                if stab_rows:
-                    noise = torch.stack([torch.rand(cfg.n_noise, C, H, W, generator=_per_image_generator(
-                        cfg.seed, idx[j], 2)) * cfg.noise_radius for j in stab_rows], 1)
-                    v = evaluate_maps(adapter, xb[stab_rows], tb[stab_rows], maps[stab_rows], metrics=("stability",),
-                                      explain=explain_fn, stability_noise=noise.to(xb.device), n_noise=cfg.n_noise,
-                                      explain_batch_size=cfg.stability_batch_size)["stability"]
-                    out["stability"] = torch.full((len(idx),), float("nan"))
-                    out["stability"][stab_rows] = v.cpu().float()
-                for j, i in enumerate(idx):
-                    for k in cfg.metrics:
-                        if k in out:
-                            sc[k][i] = float(out[k][j])
-                    for k in CURVES:
-                        if k in out:
-                            cv[k][i] = out[k][j].cpu().numpy()
-                    secs[i] = dt
-                    if i < n_ex:
-                        ex[i] = maps[j].cpu().numpy()
-                    if mdir:
+            # stochastic methods (SmoothGrad's noise) draw from a seed of the batch's first image; the
+            # caller's global RNG state is restored afterwards
+            with torch.random.fork_rng(devices=[x_all.device.index or 0] if x_all.is_cuda else []):
+                for s in range(0, len(todo), cfg.batch_size):
+                    idx = todo[s:s + cfg.batch_size]
+                    torch.manual_seed((cfg.seed * 1_000_003 + idx[0] * 7919 + 3) % (2 ** 63))
+                    xb, tb = x_all[idx], t_all[idx]
+                    t0 = time.perf_counter()
+                    maps = B.explain(method, adapter, xb, tb)
+                    dt = (time.perf_counter() - t0) / len(idx)
+                    mb = masks[idx] if masks is not None else None
+                    out = evaluate_maps(adapter, xb, tb, maps, mb, metrics=cheap_metrics, steps=cfg.steps)
+                    fid_rows = [j for j, i in enumerate(idx) if i < n_fid]
+                    if fid_rows:
+                        inputs = [fidelity_inputs(idx[j]) for j in fid_rows]
+                        v = evaluate_maps(adapter, xb[fid_rows], tb[fid_rows], maps[fid_rows], metrics=("fidelity",),
+                                          fidelity_subsets=torch.stack([u[0] for u in inputs]),
+                                          fidelity_deltas=torch.stack([u[1] for u in inputs]))["fidelity"]
+                        out["fidelity"] = torch.full((len(idx),), float("nan"))
+                        out["fidelity"][fid_rows] = v.cpu().float()
+                    stab_rows = [j for j, i in enumerate(idx) if i < n_st]
+                    if stab_rows:
+                        noise = torch.stack([torch.rand(cfg.n_noise, C, H, W, generator=_per_image_generator(
+                            cfg.seed, idx[j], 2)) * cfg.noise_radius for j in stab_rows], 1)
+                        v = evaluate_maps(adapter, xb[stab_rows], tb[stab_rows], maps[stab_rows],
+                                          metrics=("stability",), explain=explain_fn,
+                                          stability_noise=noise.to(xb.device), n_noise=cfg.n_noise,
+                                          explain_batch_size=cfg.stability_batch_size)["stability"]
+                        out["stability"] = torch.full((len(idx),), float("nan"))
+                        out["stability"][stab_rows] = v.cpu().float()
+                    for j, i in enumerate(idx):
+                        for k in cfg.metrics:
+                            if k in out:
+                                sc[k][i] = float(out[k][j])
+                        for k in CURVES:
+                            if k in out:
+                                cv[k][i] = out[k][j].cpu().numpy()
+                        secs[i] = dt
                         if i < n_ex:
-                            save_file({"map": maps[j].contiguous().cpu()},
-                                      str(mdir / f".{ids[i]}.example.tmp"))
-                            os.replace(mdir / f".{ids[i]}.example.tmp", mdir / f"{ids[i]}.example.safetensors")
-                        atomic_write_json(mdir / f"{ids[i]}.json", {
-                            "scores": {k: _nan_list(sc[k][i])[0] for k in cfg.metrics},
-                            "computed": [k for k, n_k in (("fidelity", n_fid), ("stability", n_st)) if i < n_k],
-                            "curves": {k: _nan_list(cv[k][i]) if np.isfinite(cv[k][i]).all() else None
-                                       for k in CURVES},
-                            "seconds": dt, "target": int(t_all[i])})
-                bar.update(len(idx))
+                            ex[i] = maps[j].cpu().numpy()
+                        if mdir:
+                            if i < n_ex:
+                                save_file({"map": maps[j].contiguous().cpu()},
+                                          str(mdir / f".{ids[i]}.example.tmp"))
+                                os.replace(mdir / f".{ids[i]}.example.tmp", mdir / f"{ids[i]}.example.safetensors")
+                            atomic_write_json(mdir / f"{ids[i]}.json", {
+                                "scores": {k: _nan_list(sc[k][i])[0] for k in cfg.metrics},
+                                "computed": [k for k, n_k in (("fidelity", n_fid), ("stability", n_st)) if i < n_k],
+                                "curves": {k: _nan_list(cv[k][i]) if np.isfinite(cv[k][i]).all() else None
+                                           for k in CURVES},
+                                "seconds": dt, "target": int(t_all[i])})
+                    bar.update(len(idx))
         except B.NotApplicable as e:
             res.not_applicable[method] = e.reason
             continue

@@ -143,12 +143,15 @@ def _benchmark(args) -> int:
                           batch_size=args.batch_size)
     final = stage_path(args.run, "saliency", adapter.name, root=args.root)
     tmp = final.with_name(f".{final.name}.tmp")  # kept across interruptions: per-image results resume
-    if not tmp.exists() and (final / "per_image").is_dir():
-        # a finished stage keeps its per-image results: a rerun (more images, more methods) starts from them
+    if not tmp.exists() and final.is_dir():
+        # a finished stage keeps its per-image and per-method attack results: a rerun (more images, more
+        # methods, the attack added) starts from them
         import shutil
 
-        shutil.copytree(final / "per_image", tmp / "per_image.partial")
-        (tmp / "per_image.partial").rename(tmp / "per_image")
+        for part in ("per_image", "attack_state"):
+            if (final / part).is_dir():
+                shutil.copytree(final / part, tmp / f"{part}.partial")
+                (tmp / f"{part}.partial").rename(tmp / part)
     tmp.mkdir(parents=True, exist_ok=True)
     res = run_saliency_benchmark(adapter, x, masks, targets, args.methods, cfg, state_dir=tmp / "per_image",
                                  image_ids=ids, progress=not args.no_progress)
@@ -159,7 +162,7 @@ def _benchmark(args) -> int:
 
         rows, results = run_attack_benchmark(adapter, x, res.methods, args.attack_pairs,
                                              AttackConfig(iterations=args.attack_iters, seed=args.seed),
-                                             progress=not args.no_progress)
+                                             progress=not args.no_progress, state_dir=tmp / "attack_state")
         write_csv(rows, tmp / "attack.csv")
         atomic_write_json(tmp / "attack.json", {"config": AttackConfig(iterations=args.attack_iters,
                                                                        seed=args.seed), "rows": rows})

@@ -67,6 +67,12 @@ def pool_offset_masks(pool: MaxPoolSpec, idx: torch.Tensor, src_w: int) -> torch
     return ((rows - r0) // pool.dilation[0]) * pool.kernel[1] + (cols - c0) // pool.dilation[1]
 
 
+def records_graph(*tensors: torch.Tensor) -> bool:
+    """True when autograd records operations on any of ``tensors`` (``differentiable=True``): the banded
+    channels-last forms are then skipped (their backward is slower than the unfolded one's)."""
+    return torch.is_grad_enabled() and any(t.requires_grad for t in tensors)
+
+
 def _safe_sqrt(sq: torch.Tensor) -> torch.Tensor:
     """√x with a finite gradient at 0 (the value stays exactly 0 there)."""
     pos = sq > 0
@@ -252,9 +258,11 @@ def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tenso
     chunk = max(1, max_bytes // max(per_offset, 1))
     need_norm = branch.bias is not None or bias_map is not None
     # dense convs: channels-last bands (strided convs with C_in ≥ C_out are cheaper unfolded: y would be
-    # computed at s² times as many source positions as there are targets)
+    # computed at s² times as many source positions as there are targets). Under autograd the unfolded form
+    # is used: the bands' many strided views each cost a zero-filled full-size tensor in the backward pass.
     dense = (DenseConvPaths(conv, z, need_norm) if conv is not None and conv.groups == 1
-             and (conv.stride == (1, 1) or conv.weight.shape[1] < conv.weight.shape[0]) else None)
+             and (conv.stride == (1, 1) or conv.weight.shape[1] < conv.weight.shape[0])
+             and not records_graph(v, z) else None)
     dots, norms, valids = [], [], []
     for src_map, valid in _path_sources(branch, v, pooled, idx):
         valids.append(valid[:, 0])
@@ -297,7 +305,7 @@ def fused_stage(branch: Branch, v: torch.Tensor, pooled: torch.Tensor | None, id
     (summation order), and μ is exact for this z (contributions sum to it). ``None`` when not applicable.
     """
     conv = branch.conv
-    if (conv is None or conv.post is not None or conv.groups != 1 or conv.stride != (1, 1)
+    if (records_graph(v) or conv is None or conv.post is not None or conv.groups != 1 or conv.stride != (1, 1)
             or conv.weight.shape[1] < conv.weight.shape[0] or (conv.n_offsets == 1 and branch.pool is None)):
         return None
     if branch.pool is not None and not (branch.pool.stride == branch.pool.kernel and branch.pool.padding == (0, 0)
