@@ -27,7 +27,6 @@ import contextlib
 import copy
 import json
 import math
-import os
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -350,15 +349,13 @@ def make_pairs(model: ModelAdapter | nn.Module, x: torch.Tensor, n_pairs: int, s
 def _save_result(path, res: AttackResult, sec: float) -> None:
     """One method's attack result → ``<path>.safetensors`` (tensors, scores) + ``<path>.json``, each renamed
     into place (the JSON last: its presence marks the result complete)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
-    from ..artifacts import atomic_write_json
+    from ..artifacts import atomic_write_bytes, atomic_write_json
 
     tensors = {"x_adv": res.x_adv.contiguous().cpu()} | {f"map.{k}": v.contiguous().cpu() for k, v in res.maps.items()}
     tensors |= {f"score.{k}": torch.as_tensor(np.ascontiguousarray(v)) for k, v in res.scores.items()}
-    tmp = path.with_name(f".{path.name}.safetensors.tmp")
-    save_file(tensors, str(tmp))
-    os.replace(tmp, path.with_suffix(".safetensors"))
+    atomic_write_bytes(path.with_suffix(".safetensors"), save(tensors))
     atomic_write_json(path.with_suffix(".json"), {"method": res.method, "sec_per_pair": sec,
                                                   "loss_curve": res.loss_curve})
 

@@ -15,9 +15,9 @@ stability, say) is recomputed; the others are reused.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
-import os
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -145,8 +145,21 @@ def _as_tensor_images(adapter: ModelAdapter, images) -> torch.Tensor:
     return adapter.preprocess(list(images))
 
 
+def _per_image_seed(seed: int, index: int, salt: int) -> int:
+    return (seed * 1_000_003 + index * 7919 + salt) % (2 ** 63)
+
+
 def _per_image_generator(seed: int, index: int, salt: int) -> torch.Generator:
-    return torch.Generator().manual_seed((seed * 1_000_003 + index * 7919 + salt) % (2 ** 63))
+    return torch.Generator().manual_seed(_per_image_seed(seed, index, salt))
+
+
+@contextlib.contextmanager
+def _seeded_global_rng(seed: int, device: torch.device):
+    """Seed torch's global RNG (stochastic baselines such as SmoothGrad draw from it) for one batch; the
+    caller's RNG state is restored afterwards."""
+    with torch.random.fork_rng(devices=[device.index or 0] if device.type == "cuda" else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def _state_key(adapter: ModelAdapter, cfg: BenchmarkConfig, x: torch.Tensor) -> str:
@@ -177,6 +190,15 @@ def _nan_list(v) -> list:
     return [None if not np.isfinite(a) else float(a) for a in np.atleast_1d(np.asarray(v, dtype=float))]
 
 
+def _write_record(mdir: Path, image_id: str, example: torch.Tensor | None, record: dict) -> None:
+    """One image's per-method result (and its example map), each written via a temporary file and renamed."""
+    from safetensors.torch import save
+
+    if example is not None:
+        atomic_write_bytes(mdir / f"{image_id}.example.safetensors", save({"map": example.contiguous().cpu()}))
+    atomic_write_json(mdir / f"{image_id}.json", record)
+
+
 def run_saliency_benchmark(model: ModelAdapter | nn.Module, images, masks=None, targets=None,
                            methods: str | Sequence[str] | None = "cheap", config: BenchmarkConfig | None = None,
                            state_dir: str | Path | None = None, image_ids: Sequence[str] | None = None,
@@ -184,7 +206,7 @@ def run_saliency_benchmark(model: ModelAdapter | nn.Module, images, masks=None, 
     """Score saliency ``methods`` on ``images`` ((N,3,H,W) preprocessed tensor, or images the adapter can
     preprocess) with object ``masks`` ((N,H,W) bool at input resolution, or None: no mask metrics) and
     ``targets`` ((N,) classes; None: predicted). ``state_dir`` makes the run resumable per image."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from tqdm import tqdm
 
     cfg = config or BenchmarkConfig()
@@ -222,6 +244,33 @@ def run_saliency_benchmark(model: ModelAdapter | nn.Module, images, masks=None, 
             fid_cache[i] = fidelity_deltas(adapter, x_all[i:i + 1], t_all[i:i + 1], sub)[0]
         return sub[0], fid_cache[i]
 
+    def score_batch(method: str, explain_fn, idx: list[int], n_st: int):
+        """Maps of images ``idx`` (timed: seconds per image) and every metric of them → (maps, scores, dt)."""
+        xb, tb = x_all[idx], t_all[idx]
+        t0 = time.perf_counter()
+        maps = B.explain(method, adapter, xb, tb)
+        dt = (time.perf_counter() - t0) / len(idx)
+        mb = masks[idx] if masks is not None else None
+        out = evaluate_maps(adapter, xb, tb, maps, mb, metrics=cheap_metrics, steps=cfg.steps)
+        fid_rows = [j for j, i in enumerate(idx) if i < n_fid]
+        if fid_rows:
+            inputs = [fidelity_inputs(idx[j]) for j in fid_rows]
+            v = evaluate_maps(adapter, xb[fid_rows], tb[fid_rows], maps[fid_rows], metrics=("fidelity",),
+                              fidelity_subsets=torch.stack([u[0] for u in inputs]),
+                              fidelity_deltas=torch.stack([u[1] for u in inputs]))["fidelity"]
+            out["fidelity"] = torch.full((len(idx),), float("nan"))
+            out["fidelity"][fid_rows] = v.cpu().float()
+        stab_rows = [j for j, i in enumerate(idx) if i < n_st]
+        if stab_rows:
+            noise = torch.stack([torch.rand(cfg.n_noise, C, H, W, generator=_per_image_generator(
+                cfg.seed, idx[j], 2)) * cfg.noise_radius for j in stab_rows], 1)
+            v = evaluate_maps(adapter, xb[stab_rows], tb[stab_rows], maps[stab_rows], metrics=("stability",),
+                              explain=explain_fn, stability_noise=noise.to(xb.device), n_noise=cfg.n_noise,
+                              explain_batch_size=cfg.stability_batch_size)["stability"]
+            out["stability"] = torch.full((len(idx),), float("nan"))
+            out["stability"][stab_rows] = v.cpu().float()
+        return maps, out, dt
+
     total = len(method_list) * N
     bar = tqdm(total=total, desc=f"saliency {adapter.name}", unit="map", disable=not progress)
     for method in method_list:
@@ -258,58 +307,29 @@ def run_saliency_benchmark(model: ModelAdapter | nn.Module, images, masks=None, 
         bar.update(N - len(todo))
         explain_fn = B.make_explainer(method, adapter)
         try:
-            # stochastic methods (SmoothGrad's noise) draw from a seed of the batch's first image; the
-            # caller's global RNG state is restored afterwards
-            with torch.random.fork_rng(devices=[x_all.device.index or 0] if x_all.is_cuda else []):
-                for s in range(0, len(todo), cfg.batch_size):
-                    idx = todo[s:s + cfg.batch_size]
-                    torch.manual_seed((cfg.seed * 1_000_003 + idx[0] * 7919 + 3) % (2 ** 63))
-                    xb, tb = x_all[idx], t_all[idx]
-                    t0 = time.perf_counter()
-                    maps = B.explain(method, adapter, xb, tb)
-                    dt = (time.perf_counter() - t0) / len(idx)
-                    mb = masks[idx] if masks is not None else None
-                    out = evaluate_maps(adapter, xb, tb, maps, mb, metrics=cheap_metrics, steps=cfg.steps)
-                    fid_rows = [j for j, i in enumerate(idx) if i < n_fid]
-                    if fid_rows:
-                        inputs = [fidelity_inputs(idx[j]) for j in fid_rows]
-                        v = evaluate_maps(adapter, xb[fid_rows], tb[fid_rows], maps[fid_rows], metrics=("fidelity",),
-                                          fidelity_subsets=torch.stack([u[0] for u in inputs]),
-                                          fidelity_deltas=torch.stack([u[1] for u in inputs]))["fidelity"]
-                        out["fidelity"] = torch.full((len(idx),), float("nan"))
-                        out["fidelity"][fid_rows] = v.cpu().float()
-                    stab_rows = [j for j, i in enumerate(idx) if i < n_st]
-                    if stab_rows:
-                        noise = torch.stack([torch.rand(cfg.n_noise, C, H, W, generator=_per_image_generator(
-                            cfg.seed, idx[j], 2)) * cfg.noise_radius for j in stab_rows], 1)
-                        v = evaluate_maps(adapter, xb[stab_rows], tb[stab_rows], maps[stab_rows],
-                                          metrics=("stability",), explain=explain_fn,
-                                          stability_noise=noise.to(xb.device), n_noise=cfg.n_noise,
-                                          explain_batch_size=cfg.stability_batch_size)["stability"]
-                        out["stability"] = torch.full((len(idx),), float("nan"))
-                        out["stability"][stab_rows] = v.cpu().float()
-                    for j, i in enumerate(idx):
-                        for k in cfg.metrics:
-                            if k in out:
-                                sc[k][i] = float(out[k][j])
-                        for k in CURVES:
-                            if k in out:
-                                cv[k][i] = out[k][j].cpu().numpy()
-                        secs[i] = dt
-                        if i < n_ex:
-                            ex[i] = maps[j].cpu().numpy()
-                        if mdir:
-                            if i < n_ex:
-                                save_file({"map": maps[j].contiguous().cpu()},
-                                          str(mdir / f".{ids[i]}.example.tmp"))
-                                os.replace(mdir / f".{ids[i]}.example.tmp", mdir / f"{ids[i]}.example.safetensors")
-                            atomic_write_json(mdir / f"{ids[i]}.json", {
-                                "scores": {k: _nan_list(sc[k][i])[0] for k in cfg.metrics},
-                                "computed": [k for k, n_k in (("fidelity", n_fid), ("stability", n_st)) if i < n_k],
-                                "curves": {k: _nan_list(cv[k][i]) if np.isfinite(cv[k][i]).all() else None
-                                           for k in CURVES},
-                                "seconds": dt, "target": int(t_all[i])})
-                    bar.update(len(idx))
+            for s in range(0, len(todo), cfg.batch_size):
+                idx = todo[s:s + cfg.batch_size]
+                # stochastic methods (SmoothGrad's noise) draw from a seed of the batch's first image
+                with _seeded_global_rng(_per_image_seed(cfg.seed, idx[0], 3), x_all.device):
+                    maps, out, dt = score_batch(method, explain_fn, idx, n_st)
+                for j, i in enumerate(idx):
+                    for k in cfg.metrics:
+                        if k in out:
+                            sc[k][i] = float(out[k][j])
+                    for k in CURVES:
+                        if k in out:
+                            cv[k][i] = out[k][j].cpu().numpy()
+                    secs[i] = dt
+                    if i < n_ex:
+                        ex[i] = maps[j].cpu().numpy()
+                    if mdir:
+                        _write_record(mdir, ids[i], maps[j] if i < n_ex else None, {
+                            "scores": {k: _nan_list(sc[k][i])[0] for k in cfg.metrics},
+                            "computed": [k for k, n_k in (("fidelity", n_fid), ("stability", n_st)) if i < n_k],
+                            "curves": {k: _nan_list(cv[k][i]) if np.isfinite(cv[k][i]).all() else None
+                                       for k in CURVES},
+                            "seconds": dt, "target": int(t_all[i])})
+                bar.update(len(idx))
         except B.NotApplicable as e:
             res.not_applicable[method] = e.reason
             continue
