@@ -48,6 +48,11 @@ import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
+import tqdm  # noqa: E402
+
+# no tqdm monitor thread in the fork server: a thread holding a lock at fork() can deadlock the child
+tqdm.tqdm.monitor_interval = 0
+
 # run-dependent JSON fields (wall-clock times, which checkpoint a run resumed from) are not artifact content
 VOLATILE = {"created_at", "timings", "train_seconds", "samples_per_second", "resumed_from_step"}
 N_WORLD, N_CAFE, SAE_STEPS = 24, 4, 32
