@@ -16,11 +16,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..errors import MismatchError, SaeCafeError, UnknownLayerError
+from ..errors import MismatchError, SaeCafeError, UnknownLayerError, UnsupportedModuleError
 from ..images import pil_to_tensor, to_pil
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
+#: element-wise activation modules (PFV layers of conv nets; SRD treats them all alike, method_spec §2.2.4)
+ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid)
 
 
 @contextlib.contextmanager
@@ -69,7 +71,8 @@ class _StopForward(Exception):
 
 
 class ModelAdapter:
-    """Base adapter. Subclasses set ``family`` and implement ``_pfv_layer_names`` (and token layout)."""
+    """Base adapter. Subclasses set ``family`` and implement ``_pfv_layer_names`` (and token layout) and
+    ``srd_backend`` (see :mod:`sae_cafe.srd.backend`: how a family plugs into SRD)."""
 
     family: str = "generic"
     kind: Literal["conv", "tokens"] = "conv"
@@ -87,6 +90,16 @@ class ModelAdapter:
         self.num_classes = num_classes
         self._layers: dict[str, LayerInfo] | None = None
         self.weights_hash: str | None = None
+        self.weights_path: str | None = None  # the weights file given to load_model (None: shipped or random)
+
+    # ----- SRD --------------------------------------------------------------------------------------------
+    def srd_backend(self):
+        """The family's :class:`~sae_cafe.srd.backend.SRDBackend` (imported lazily by each family, since
+        ``sae_cafe.srd`` imports ``sae_cafe.models``). The base adapter has none."""
+        raise UnsupportedModuleError(
+            f"SRD has no backend for model {self.name!r}: the adapter {type(self).__name__} (family "
+            f"{self.family!r}) does not implement srd_backend(); see sae_cafe.srd.backend and CONVENTIONS.md "
+            "('SRD backends') for how a family plugs in")
 
     # ----- layers -------------------------------------------------------------------------------------
     def _pfv_layer_names(self) -> list[str]:

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from torch import nn
+from torchvision.models import ConvNeXt, EfficientNet, MobileNetV3
 
-from .base import ModelAdapter
+from .cnn import StageGraphAdapter
+from .registry import register_adapter, register_model, torchvision_factory
 
 
-class EfficientNetAdapter(ModelAdapter):
+class EfficientNetAdapter(StageGraphAdapter):
     """torchvision ``EfficientNet``. PFV layers: stem ``features.0``, each stage ``features.i`` (its last
     block) and block ``features.i.j``, last conv ``features.8`` (the last index of ``features``)."""
 
@@ -29,7 +31,7 @@ class EfficientNetAdapter(ModelAdapter):
         return names
 
 
-class MobileNetV3Adapter(ModelAdapter):
+class MobileNetV3Adapter(StageGraphAdapter):
     """torchvision ``MobileNetV3``. PFV layers: every ``features.i`` (stem, InvertedResidual blocks, last
     conv)."""
 
@@ -44,7 +46,7 @@ class MobileNetV3Adapter(ModelAdapter):
         return [f"features.{i}" for i in range(len(self.model.features))]
 
 
-class ConvNeXtAdapter(ModelAdapter):
+class ConvNeXtAdapter(StageGraphAdapter):
     """torchvision ``ConvNeXt`` (LayerNorm σ frozen by SRD, see :mod:`.srd_convnext`). PFV layers:
     ``features.i`` (stem, stages, downsampling layers) and the blocks ``features.i.j`` of each stage."""
 
@@ -62,3 +64,11 @@ class ConvNeXtAdapter(ModelAdapter):
             if isinstance(m, nn.Sequential) and all(type(b).__name__ == "CNBlock" for b in m):
                 names += [f"features.{i}.{j}" for j in range(len(m))]
         return names
+
+
+register_adapter(EfficientNet, EfficientNetAdapter, "torchvision EfficientNet")
+register_adapter(MobileNetV3, MobileNetV3Adapter, "torchvision MobileNetV3")
+register_adapter(ConvNeXt, ConvNeXtAdapter, "torchvision ConvNeXt")
+for _n in ("efficientnet_b0", "mobilenet_v3_small", "convnext_tiny", "convnext_small", "convnext_base",
+           "convnext_large"):
+    register_model(_n)(torchvision_factory(_n))

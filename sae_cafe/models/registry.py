@@ -1,8 +1,14 @@
-"""Adapters by name (``load_model``) or from a model instance (``get_adapter``). The only place that knows
-the model families."""
+"""The model registry: adapters by name (``load_model``) or from a model instance (``get_adapter``).
+
+It knows no family. Family modules (``cnn``, ``mobile``, ``vit``, ``mini``) import it and register
+themselves — ``register_adapter(ModelClass, AdapterClass)`` for the classes they explain and
+``register_model(name)`` for named constructors — and ``sae_cafe/models/__init__.py`` imports them, so a
+family module imports the registry, never the reverse. A name or a model class registered twice is an error.
+"""
 
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from collections.abc import Callable
@@ -13,20 +19,29 @@ from torch import nn
 
 from ..errors import SaeCafeError
 from .base import ModelAdapter
-from .cnn import ResNetAdapter, SequentialCNNAdapter, VGGAdapter
-from .mobile import ConvNeXtAdapter, EfficientNetAdapter, MobileNetV3Adapter
-from .vit import TimmViTAdapter, TorchvisionViTAdapter
 from .weights import load_weights
 
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 _ADAPTER_KW: dict[str, dict] = {}
+_ADAPTERS: dict[type | str, tuple[type[ModelAdapter], str]] = {}
 _BY_MODULE: weakref.WeakKeyDictionary[nn.Module, ModelAdapter] = weakref.WeakKeyDictionary()
 
 
+class RegistryError(SaeCafeError, ValueError):
+    """A model name or model class registered twice."""
+
+
 def register_model(name: str, **adapter_kw) -> Callable:
-    """Register a factory ``fn(**kw) -> nn.Module`` under ``name`` (adapter options in ``adapter_kw``)."""
+    """Register a factory ``fn(**kw) -> nn.Module`` under ``name`` (adapter options in ``adapter_kw``).
+
+    Raises :class:`RegistryError` if ``name`` is taken (pick another name; names are global)."""
+    if name in _FACTORIES:
+        raise RegistryError(f"model name {name!r} is already registered (by {_FACTORIES[name].__module__}); "
+                            "choose another name for the new factory")
 
     def deco(fn: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
+        if name in _FACTORIES:
+            raise RegistryError(f"model name {name!r} is already registered; choose another name")
         _FACTORIES[name] = fn
         _ADAPTER_KW[name] = adapter_kw
         return fn
@@ -34,12 +49,31 @@ def register_model(name: str, **adapter_kw) -> Callable:
     return deco
 
 
-def list_adapters() -> list[str]:
-    """Names accepted by :func:`load_model`."""
-    return sorted(_FACTORIES)
+def register_adapter(model_class: type | str, adapter_cls: type[ModelAdapter], label: str | None = None) -> None:
+    """Explain instances of ``model_class`` (and its subclasses) with ``adapter_cls``.
+
+    ``model_class`` is a class or a dotted path ``"package.module.ClassName"`` that is resolved only once
+    that module is imported (so an optional library such as timm is never imported here). For a model the
+    most specific registered class in its MRO wins. ``label`` names the family in error messages.
+    """
+    if model_class in _ADAPTERS:
+        raise RegistryError(f"model class {model_class!r} already has the adapter "
+                            f"{_ADAPTERS[model_class][0].__name__}; one adapter per model class")
+    _ADAPTERS[model_class] = (adapter_cls, label or (model_class if isinstance(model_class, str)
+                                                     else f"{model_class.__module__}.{model_class.__name__}"))
 
 
-def _tv(name: str) -> Callable[..., nn.Module]:
+def _resolve(model_class: type | str) -> type | None:
+    if isinstance(model_class, type):
+        return model_class
+    module, _, qual = model_class.rpartition(".")
+    mod = sys.modules.get(module)
+    return getattr(mod, qual, None) if mod is not None else None
+
+
+def torchvision_factory(name: str) -> Callable[..., nn.Module]:
+    """Factory of ``torchvision.models.<name>(weights=None, **kw)``."""
+
     def make(**kw) -> nn.Module:
         import torchvision
 
@@ -48,7 +82,9 @@ def _tv(name: str) -> Callable[..., nn.Module]:
     return make
 
 
-def _timm(name: str) -> Callable[..., nn.Module]:
+def timm_factory(name: str) -> Callable[..., nn.Module]:
+    """Factory of ``timm.create_model(name, pretrained=False, **kw)`` (no download)."""
+
     def make(**kw) -> nn.Module:
         import timm
 
@@ -57,43 +93,23 @@ def _timm(name: str) -> Callable[..., nn.Module]:
     return make
 
 
-for _n in ("resnet18", "resnet34", "resnet50", "resnet101", "resnet152", "vgg11", "vgg13", "vgg16",
-           "vgg19", "vgg11_bn", "vgg13_bn", "vgg16_bn", "vgg19_bn", "vit_b_16", "efficientnet_b0",
-           "mobilenet_v3_small", "convnext_tiny", "convnext_small", "convnext_base", "convnext_large"):
-    register_model(_n)(_tv(_n))
-for _n in ("vit_base_patch16_224", "vit_small_patch16_224", "vit_tiny_patch16_224", "deit_small_patch16_224",
-           "deit_tiny_patch16_224", "deit_base_patch16_224"):
-    register_model(_n)(_timm(_n))
+def list_adapters() -> list[str]:
+    """Names accepted by :func:`load_model`."""
+    return sorted(_FACTORIES)
 
 
 def make_adapter(model: nn.Module, name: str | None = None, **kw) -> ModelAdapter:
-    """Build the adapter for a model instance from its class."""
-    import torchvision
-
-    name = name or type(model).__name__
-    if isinstance(model, torchvision.models.ResNet):
-        return ResNetAdapter(model, name, **kw)
-    if isinstance(model, torchvision.models.VGG):
-        return VGGAdapter(model, name, **kw)
-    if isinstance(model, torchvision.models.VisionTransformer):
-        return TorchvisionViTAdapter(model, name, **kw)
-    try:
-        from timm.models.vision_transformer import VisionTransformer as TimmViT
-    except ImportError:  # pragma: no cover
-        TimmViT = ()
-    if TimmViT and isinstance(model, TimmViT):
-        return TimmViTAdapter(model, name, **kw)
-    if isinstance(model, torchvision.models.EfficientNet):
-        return EfficientNetAdapter(model, name, **kw)
-    if isinstance(model, torchvision.models.MobileNetV3):
-        return MobileNetV3Adapter(model, name, **kw)
-    if isinstance(model, torchvision.models.ConvNeXt):
-        return ConvNeXtAdapter(model, name, **kw)
-    if isinstance(model, nn.Sequential):
-        return SequentialCNNAdapter(model, name, **kw)
-    raise SaeCafeError(f"no adapter for model class {type(model).__name__}; supported: torchvision ResNet, "
-                       "VGG, EfficientNet, MobileNetV3, ConvNeXt, VisionTransformer, timm VisionTransformer/DeiT, "
-                       "and plain nn.Sequential conv nets")
+    """Build the adapter for a model instance from its class (the most specific registered class wins)."""
+    table = {}
+    for key, (cls, _) in _ADAPTERS.items():
+        resolved = _resolve(key)
+        if resolved is not None:
+            table[resolved] = cls
+    for klass in type(model).__mro__:
+        if klass in table:
+            return table[klass](model, name or type(model).__name__, **kw)
+    supported = ", ".join(label for _, label in _ADAPTERS.values())
+    raise SaeCafeError(f"no adapter for model class {type(model).__name__}; supported: {supported}")
 
 
 def get_adapter(model: ModelAdapter | nn.Module) -> ModelAdapter:
@@ -117,6 +133,7 @@ def load_model(name: str, weights: str | Path | None = None, device: str | torch
     adapter_kw = dict(_ADAPTER_KW[name])
     model = _FACTORIES[name](**kw)
     default_weights = adapter_kw.pop("default_weights", None)
+    given = weights
     weights = weights if weights is not None else default_weights
     whash = None
     if weights is None:
@@ -128,6 +145,6 @@ def load_model(name: str, weights: str | Path | None = None, device: str | torch
         model.to(device)
     adapter = make_adapter(model, name, **adapter_kw)
     adapter.weights_hash = whash
+    adapter.weights_path = str(Path(given).resolve()) if given is not None else None  # None: shipped or random
     _BY_MODULE[model] = adapter
     return adapter
-from . import mini  # noqa: E402,F401

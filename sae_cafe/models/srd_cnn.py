@@ -24,7 +24,7 @@ from ..srd.graph import (
     conv_bn_forward,
     conv_spec,
 )
-from .cnn import ACTIVATIONS
+from .base import ACTIVATIONS
 
 PASS_THROUGH = (nn.Dropout, nn.Identity)
 HEAD_MODULES = (nn.Linear, nn.Dropout, nn.Identity, nn.Flatten, *ACTIVATIONS)

@@ -42,7 +42,7 @@ from ..srd.graph import (
     channel_inv_sigma,
     layer_norm_params,
 )
-from .cnn import ACTIVATIONS
+from .base import ACTIVATIONS
 from .srd_cnn import activation_fn
 from .srd_mobile import _depthwise_forward
 

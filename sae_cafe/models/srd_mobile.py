@@ -26,7 +26,7 @@ from torch import nn
 
 from ..errors import UnsupportedModuleError
 from ..srd.graph import Branch, Head, SRDGraph, Stage, conv_bn_forward, conv_spec
-from .cnn import ACTIVATIONS
+from .base import ACTIVATIONS
 from .srd_cnn import activation_fn
 
 Act = Callable[[torch.Tensor], torch.Tensor]

@@ -7,9 +7,11 @@ Layer ids are block module paths (``encoder.layers.encoder_layer_5`` / ``blocks.
 from __future__ import annotations
 
 import torch
+from torchvision.models import VisionTransformer
 
 from ..errors import MismatchError
 from .base import IMAGENET_MEAN, IMAGENET_STD, ModelAdapter, PFVBatch, grid_positions
+from .registry import register_adapter, register_model, timm_factory, torchvision_factory
 
 
 class _ViTAdapter(ModelAdapter):
@@ -20,6 +22,11 @@ class _ViTAdapter(ModelAdapter):
 
     def block_names(self) -> list[str]:
         raise NotImplementedError
+
+    def srd_backend(self):
+        from ..srd.vit import ViTBackend
+
+        return ViTBackend(self)
 
     def _pfv_layer_names(self) -> list[str]:
         return self.block_names()
@@ -86,3 +93,11 @@ class TimmViTAdapter(_ViTAdapter):
 
     def block_names(self) -> list[str]:
         return [f"blocks.{i}" for i in range(len(self.model.blocks))]
+
+
+register_adapter(VisionTransformer, TorchvisionViTAdapter, "torchvision VisionTransformer")
+register_adapter("timm.models.vision_transformer.VisionTransformer", TimmViTAdapter, "timm VisionTransformer/DeiT")
+register_model("vit_b_16")(torchvision_factory("vit_b_16"))
+for _n in ("vit_base_patch16_224", "vit_small_patch16_224", "vit_tiny_patch16_224", "deit_small_patch16_224",
+           "deit_tiny_patch16_224", "deit_base_patch16_224"):
+    register_model(_n)(timm_factory(_n))

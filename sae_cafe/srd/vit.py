@@ -45,18 +45,20 @@ timm ``VisionTransformer`` / DeiT). method_spec §2.4 made exact; the choices wh
 from __future__ import annotations
 
 import copy
-import weakref
 
 import torch
 from torch import Tensor
 
 from ..errors import MismatchError, NonFiniteError, SaeCafeError, UnsupportedModuleError
+from ..models import get_adapter
 from ..models.base import eval_mode
+from .api import apop_forward, srd_ierf, srd_ierf_from_relevance, srd_relevance, srd_saliency
+from .backend import SRDBackend, cached_build, check_images
 from .vit_model import Spec, check_input, make_spec, run
 from .vit_share import block_share, class_relevance, pixel_share
 
-__all__ = ["ViTSRD", "vit_apop_forward", "vit_srd_ierf", "vit_srd_ierf_from_relevance", "vit_srd_relevance",
-           "vit_srd_saliency", "vit_srd_sharing"]
+__all__ = ["ViTBackend", "ViTSRD", "vit_apop_forward", "vit_srd_ierf", "vit_srd_ierf_from_relevance",
+           "vit_srd_relevance", "vit_srd_saliency", "vit_srd_sharing"]
 
 
 class ViTSRD:
@@ -116,17 +118,10 @@ class ViTSRD:
         return R, node
 
 
-# ----- argument handling ---------------------------------------------------------------------------------
-_SPECS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
-
-
-def _signature(model: torch.nn.Module) -> tuple:
-    return tuple((t.data_ptr(), t._version, t.dtype, str(t.device)) for t in (*model.parameters(),
-                                                                               *model.buffers()))
-
-
-def _verify(spec: Spec, model: torch.nn.Module, x: Tensor) -> None:
-    """The functional forward must reproduce ``model(x)`` (fused attention hides the probabilities)."""
+# ----- backend ----------------------------------------------------------------------------------------------
+def _verify(spec: Spec, model: torch.nn.Module, x: Tensor) -> int:
+    """The functional forward must reproduce ``model(x)`` (fused attention hides the probabilities); returns
+    the number of outputs."""
     with torch.no_grad(), eval_mode(model):
         ref = model(x)
         ours = run(spec, x).logits
@@ -137,58 +132,11 @@ def _verify(spec: Spec, model: torch.nn.Module, x: Tensor) -> None:
     if not err <= tol:
         raise UnsupportedModuleError(f"{spec.name}: the recomputed ViT forward does not reproduce model(x) "
                                      f"(max |Δlogit| = {err:.3g}); this variant is not supported by ViT SRD")
-
-
-def _prepare(adapter, x: Tensor, dtype: torch.dtype | None) -> tuple[Spec, Tensor]:
-    """Spec of the model (a cached float64 deep copy when ``dtype`` differs) and x on its device/dtype.
-
-    The functional forward is checked against model(x[:1]) once per model, dtype and weights version.
-    """
-    if getattr(adapter, "family", None) != "vit":
-        raise MismatchError(f"vit SRD needs a ViT adapter, got {adapter!r}")
-    if not isinstance(x, Tensor) or x.ndim != 4:
-        raise MismatchError(f"x must be an (N,3,H,W) tensor, got {getattr(x, 'shape', type(x).__name__)}")
-    if not torch.isfinite(x).all():
-        raise NonFiniteError(f"{adapter.name}: the input images contain NaN or inf")
-    model = adapter.model
-    p = next(model.parameters())
-    dtype = dtype or p.dtype
-    sig = _signature(model)
-    cache = _SPECS.setdefault(model, {})
-    if dtype not in cache or cache[dtype][0] != sig:
-        work = model if dtype == p.dtype else copy.deepcopy(model).to(dtype)  # never touch the user's model
-        spec = make_spec(work)
-        x = x.to(device=p.device, dtype=dtype)
-        check_input(spec, x)
-        _verify(spec, work, x[:1].detach())
-        cache[dtype] = (sig, spec)
-    spec = cache[dtype][1]
-    x = x.to(device=p.device, dtype=dtype)
-    check_input(spec, x)
-    return spec, x
+    return int(ref.shape[1])
 
 
 def _grad(differentiable: bool):
     return torch.enable_grad() if differentiable else torch.no_grad()
-
-
-def _targets(target, n: int, k: int, device) -> Tensor:
-    t = torch.as_tensor(target, device=device).long().reshape(-1)
-    if t.numel() == 1:
-        t = t.expand(n)
-    if t.numel() != n:
-        raise MismatchError(f"target has {t.numel()} entries for {n} images; give an int or a (N,) tensor")
-    if ((t < 0) | (t >= k)).any():
-        raise MismatchError(f"target {t.tolist()} out of range for {k} classes")
-    return t
-
-
-def _sink_out(sink_tok: Tensor, return_sink) -> Tensor:
-    return sink_tok if return_sink == "tokens" else sink_tok.sum(-1)
-
-
-def _ret(maps: Tensor, sink_tok: Tensor, return_sink):
-    return (maps, _sink_out(sink_tok, return_sink)) if return_sink else maps
 
 
 def _token_index(spec: Spec, position, n: int, device) -> Tensor:
@@ -217,26 +165,124 @@ def _token_index(spec: Spec, position, n: int, device) -> Tensor:
     return E + pos[:, 0] * w + pos[:, 1]
 
 
-# ----- public API ----------------------------------------------------------------------------------------
+class ViTBackend(SRDBackend):
+    """Token/attention SRD backend for pre-LN ViTs (the adapter needs ``block_index``).
+
+    ``dtype`` other than the model's computes on a deep copy cast to it, cached per model and weights
+    version. Sinks are per prefix token (class/register tokens): (…, E).
+    """
+
+    def spec(self, x: Tensor, dtype: torch.dtype | None) -> tuple[Spec, Tensor, int]:
+        """(spec, x on the spec's device/dtype, number of outputs); the functional forward is checked against
+        model(x[:1]) once per model, dtype and weights version."""
+        model = self.adapter.model
+        p = next(model.parameters())
+        dtype = dtype or p.dtype
+
+        def build() -> tuple[Spec, int]:
+            work = model if dtype == p.dtype else copy.deepcopy(model).to(dtype)  # never touch the user's model
+            spec = make_spec(work)
+            xs = x.to(device=p.device, dtype=dtype)
+            check_input(spec, xs)
+            return spec, _verify(spec, work, xs[:1].detach())
+
+        spec, n_out = cached_build(model, ("vit", dtype), build)
+        x = x.to(device=p.device, dtype=dtype)
+        check_input(spec, x)
+        return spec, x, n_out
+
+    def prepare(self, x, dtype):
+        return self.spec(x, dtype)[2]
+
+    def saliency(self, x, target, contrast, differentiable, dtype):
+        with _grad(differentiable):
+            spec, x, _ = self.spec(x, dtype)
+            srd = ViTSRD(spec, x)
+            R, node = srd.class_relevance(target.to(x.device), contrast)
+            maps, sink = srd.to_pixels(srd.down(R[:, None], node))
+            return maps[:, 0], sink[:, 0]
+
+    def relevance(self, x, target, layers, contrast, dtype):
+        idx = {key: self.adapter.block_index(name) for key, name in layers.items()}
+        with torch.no_grad():
+            spec, x, _ = self.spec(x, dtype)
+            srd = ViTSRD(spec, x)
+            t = target.to(x.device)
+            R, node = srd.class_relevance(t, contrast)
+            E, (h, w) = spec.n_prefix, spec.grid
+            by_node = {}
+            L = len(spec.blocks)
+            if node < L:  # class-token head: the final stream holds the whole logit on the class token
+                top = torch.zeros_like(R)
+                top[:, 0] = srd.trace.logits.gather(1, t[:, None])[:, 0]
+                by_node[L] = top
+            by_node[node] = R
+            for k in range(node - 1, 0, -1):
+                R = (R[:, None] @ srd.M[k])[:, 0]
+                by_node[k] = R
+            out = {key: by_node[i + 1][:, E:].reshape(-1, h, w) for key, i in idx.items()}
+            sinks = {key: by_node[i + 1][:, :E] for key, i in idx.items()}
+        return out, sinks
+
+    def ierf_from_relevance(self, x, layer, relevance, differentiable, dtype):
+        li = self.adapter.block_index(layer)
+        with _grad(differentiable):
+            spec, x, _ = self.spec(x, dtype)
+            N, E, (h, w) = x.shape[0], spec.n_prefix, spec.grid
+            T = E + h * w
+            rel = relevance.to(device=x.device, dtype=x.dtype)
+            if rel.ndim == 4 and rel.shape[0] == N and rel.shape[2:] == (h, w):
+                rel = torch.cat([rel.new_zeros(N, rel.shape[1], E), rel.flatten(2)], 2)
+            elif not (rel.ndim == 3 and rel.shape[0] == N and rel.shape[2] == T):
+                raise MismatchError(f"relevance must be (N,S,{h},{w}) or (N,S,{T}) for N={N}, got "
+                                    f"{tuple(relevance.shape)}")
+            srd = ViTSRD(spec, x, upto=li)
+            return srd.to_pixels(srd.down(rel, li + 1))
+
+    def ierf(self, x, layer, position, differentiable, dtype):
+        li = self.adapter.block_index(layer)
+        with _grad(differentiable):
+            spec, x, _ = self.spec(x, dtype)
+            N, T = x.shape[0], spec.n_prefix + spec.grid[0] * spec.grid[1]
+            tok = _token_index(spec, position, N, x.device)
+            seed = torch.nn.functional.one_hot(tok, T).to(x.dtype)[:, None]
+            srd = ViTSRD(spec, x, upto=li)
+            maps, sink = srd.to_pixels(srd.down(seed, li + 1))
+            return maps[:, 0], sink[:, 0]
+
+    def apop(self, x, x_prime, dtype):
+        spec, x, _ = self.spec(x, dtype)
+        xp = x_prime.to(device=x.device, dtype=x.dtype)
+        with torch.no_grad():  # the pattern of x is a constant: gradients flow to x_prime only
+            frozen = run(spec, x, record=True).frozen
+        return run(spec, xp, frozen=frozen).logits
+
+
+# ----- ViT entry points (the public API restricted to ViT adapters) ----------------------------------------
+def _vit(adapter):
+    adapter = get_adapter(adapter)
+    backend = adapter.srd_backend() if callable(getattr(adapter, "srd_backend", None)) else None
+    if not isinstance(backend, ViTBackend):
+        raise MismatchError(f"vit SRD needs a ViT adapter, got {adapter!r}")
+    return adapter, backend
+
+
 def vit_srd_sharing(adapter, x: Tensor, layer=None, dtype: torch.dtype | None = None,
                     differentiable: bool = False) -> ViTSRD:
     """Sharing ratios of x (N,3,H,W) up to block ``layer`` (all blocks and the head when None), for reuse."""
+    adapter, backend = _vit(adapter)
     upto = None if layer is None else adapter.block_index(layer)
+    x = check_images(x, adapter.name)
     with _grad(differentiable):
-        spec, x = _prepare(adapter, x, dtype)
+        spec, x, _ = backend.spec(x, dtype)
         return ViTSRD(spec, x, upto=upto)
 
 
 def vit_srd_saliency(adapter, x: Tensor, target, contrast: str = "mean", return_sink=False,
                      differentiable: bool = False, dtype: torch.dtype | None = None):
     """Class saliency maps (N,H,W) of logit ``target``; with ``return_sink`` also the sink (N,) or (N,E)."""
-    with _grad(differentiable):
-        spec, x = _prepare(adapter, x, dtype)
-        srd = ViTSRD(spec, x)
-        t = _targets(target, x.shape[0], srd.trace.logits.shape[1], x.device)
-        R, node = srd.class_relevance(t, contrast)
-        maps, sink = srd.to_pixels(srd.down(R[:, None], node))
-        return _ret(maps[:, 0], sink[:, 0], return_sink)
+    return srd_saliency(_vit(adapter)[0], x, target, contrast=contrast, differentiable=differentiable,
+                        dtype=dtype, return_sink=return_sink)
 
 
 def vit_srd_relevance(adapter, x: Tensor, target, layers, contrast: str = "mean", return_sink=False,
@@ -244,62 +290,23 @@ def vit_srd_relevance(adapter, x: Tensor, target, layers, contrast: str = "mean"
     """Patch-token relevance {str(layer): (N,h,w)} at the output of each block in ``layers`` (keys as given,
     like the CNN engine). With ``return_sink`` returns (dict, {str(layer): (N,E) prefix-token relevance}).
     """
-    idx = {str(lay): adapter.block_index(lay) for lay in layers}
-    with torch.no_grad():
-        spec, x = _prepare(adapter, x, dtype)
-        srd = ViTSRD(spec, x)
-        t = _targets(target, x.shape[0], srd.trace.logits.shape[1], x.device)
-        R, node = srd.class_relevance(t, contrast)
-        E, (h, w) = spec.n_prefix, spec.grid
-        by_node = {}
-        L = len(spec.blocks)
-        if node < L:  # class-token head: the final stream holds the whole logit on the class token
-            top = torch.zeros_like(R)
-            top[:, 0] = srd.trace.logits.gather(1, t[:, None])[:, 0]
-            by_node[L] = top
-        by_node[node] = R
-        for k in range(node - 1, 0, -1):
-            R = (R[:, None] @ srd.M[k])[:, 0]
-            by_node[k] = R
-        out = {name: by_node[i + 1][:, E:].reshape(-1, h, w) for name, i in idx.items()}
-        sinks = {name: by_node[i + 1][:, :E] for name, i in idx.items()}
-    return (out, sinks) if return_sink else out
+    return srd_relevance(_vit(adapter)[0], x, target, layers, contrast=contrast, dtype=dtype,
+                         return_sink="tokens" if return_sink else False)
 
 
 def vit_srd_ierf_from_relevance(adapter, x: Tensor, layer, relevance: Tensor, return_sink=False,
                                 differentiable: bool = False, dtype: torch.dtype | None = None):
     """Pixel maps (N,S,H,W) of relevance at the output of block ``layer``: (N,S,h,w) on the patch grid or
     (N,S,T) over all tokens (prefix first). Sink (N,S) or, with ``return_sink="tokens"``, (N,S,E)."""
-    li = adapter.block_index(layer)
-    with _grad(differentiable):
-        spec, x = _prepare(adapter, x, dtype)
-        N, E, (h, w) = x.shape[0], spec.n_prefix, spec.grid
-        T = E + h * w
-        rel = relevance.to(device=x.device, dtype=x.dtype)
-        if rel.ndim == 4 and rel.shape[0] == N and rel.shape[2:] == (h, w):
-            rel = torch.cat([rel.new_zeros(N, rel.shape[1], E), rel.flatten(2)], 2)
-        elif not (rel.ndim == 3 and rel.shape[0] == N and rel.shape[2] == T):
-            raise MismatchError(f"relevance must be (N,S,{h},{w}) or (N,S,{T}) for N={N}, got "
-                                f"{tuple(relevance.shape)}")
-        if not torch.isfinite(rel).all():
-            raise NonFiniteError("relevance contains NaN or inf")
-        srd = ViTSRD(spec, x, upto=li)
-        maps, sink = srd.to_pixels(srd.down(rel, li + 1))
-        return _ret(maps, sink, return_sink)
+    return srd_ierf_from_relevance(_vit(adapter)[0], x, layer, relevance, differentiable=differentiable,
+                                   dtype=dtype, return_sink=return_sink)
 
 
 def vit_srd_ierf(adapter, x: Tensor, layer, position, return_sink=False, differentiable: bool = False,
                  dtype: torch.dtype | None = None):
     """iERF (N,H,W) of the token at ``position`` in the output of block ``layer``; maps + sink sum to 1."""
-    li = adapter.block_index(layer)
-    with _grad(differentiable):
-        spec, x = _prepare(adapter, x, dtype)
-        N, T = x.shape[0], spec.n_prefix + spec.grid[0] * spec.grid[1]
-        tok = _token_index(spec, position, N, x.device)
-        seed = torch.nn.functional.one_hot(tok, T).to(x.dtype)[:, None]
-        srd = ViTSRD(spec, x, upto=li)
-        maps, sink = srd.to_pixels(srd.down(seed, li + 1))
-        return _ret(maps[:, 0], sink[:, 0], return_sink)
+    return srd_ierf(_vit(adapter)[0], x, layer, position, differentiable=differentiable, dtype=dtype,
+                    return_sink=return_sink)
 
 
 def vit_apop_forward(adapter, x: Tensor, x_prime: Tensor | None = None,
@@ -307,10 +314,4 @@ def vit_apop_forward(adapter, x: Tensor, x_prime: Tensor | None = None,
     """Logits of ``x_prime`` (default zeros) with x's attention probabilities, LayerNorm σ and activation
     gates act(z)/z frozen (LayerNorm centring kept as a projection); ``x_prime = x`` gives model(x).
     Affine in ``x_prime``; differentiable with respect to ``x_prime`` only."""
-    spec, x = _prepare(adapter, x, dtype)
-    xp = torch.zeros_like(x) if x_prime is None else x_prime.to(device=x.device, dtype=x.dtype)
-    if xp.shape != x.shape:
-        raise MismatchError(f"x_prime {tuple(xp.shape)} must have the shape of x {tuple(x.shape)}")
-    with torch.no_grad():  # the pattern of x is a constant: gradients flow to x_prime only
-        frozen = run(spec, x, record=True).frozen
-    return run(spec, xp, frozen=frozen).logits
+    return apop_forward(_vit(adapter)[0], x, 0.0 if x_prime is None else x_prime, dtype=dtype)
