@@ -33,45 +33,57 @@ def sae_cfg_dict(path: str | Path) -> dict[str, Any]:
                             "save_inference_model)") from e
 
 
+def check_sae_fits(sae: Any, d_in: int, layer: str, model: str, where: str, weights_hash: str | None = None,
+                   check_model: bool = True, source: str = "SAE", resolve: Any = None) -> None:
+    """The one SAE compatibility check: ``sae`` against a layer with ``d_in`` channels named ``layer`` of model
+    ``model`` (``where`` names it in messages, e.g. ``"layer 'layer3' of resnet18"`` or a shard directory).
+
+    Checks the SAE's ``cfg.d_in``, its ``metadata.hook_name`` (through ``resolve``, an adapter's
+    ``resolve_layer``, so aliases match) and, with ``check_model``, ``metadata.model_name`` / ``weights_hash``.
+    Any mismatch raises :class:`MismatchError` naming both sides.
+    """
+    meta = sae.cfg.metadata
+    hook = meta.get("hook_name") if meta is not None else None
+    if hook is not None:
+        try:
+            hook_resolved = resolve(hook) if resolve is not None else str(hook)
+        except KeyError:
+            hook_resolved = str(hook)
+        if hook_resolved != layer:
+            raise MismatchError(f"{source} was trained on layer {hook!r} (cfg metadata.hook_name) but is used at "
+                                f"layer {layer!r} of {model}; use an SAE trained on {layer!r} or the "
+                                f"layer {hook!r}")
+    if int(sae.cfg.d_in) != int(d_in):
+        raise MismatchError(f"{source} has d_in={sae.cfg.d_in} but {where} has {d_in} channels; use an SAE "
+                            "trained on this layer")
+    if check_model and meta is not None:
+        model_name = meta.get("model_name")
+        if model_name and model_name != model:
+            raise MismatchError(f"{source} was trained on model {model_name!r} but is used with {model!r};"
+                                " use an SAE trained on this model (or pass check_model=False if the names "
+                                "differ for the same network)")
+        wh = meta.get("weights_hash")
+        if wh and weights_hash and wh != weights_hash:
+            raise MismatchError(f"{source} was trained on {model} weights {wh[:12]}… but the model has "
+                                f"weights {weights_hash[:12]}…; retrain the SAE on these weights "
+                                "(or pass check_model=False)")
+
+
 def check_sae(sae: Any, adapter: ModelAdapter | nn.Module, layer: str | int | None = None,
               check_model: bool = True, source: str = "SAE") -> str:
-    """Check that ``sae`` fits ``adapter``'s ``layer`` (d_in, hook_name, model); return the layer id.
+    """Check that ``sae`` fits ``adapter``'s ``layer`` (:func:`check_sae_fits`); return the layer id.
 
     ``layer`` defaults to the SAE's ``metadata.hook_name``. Mismatches raise :class:`MismatchError`
     naming both sides.
     """
     adapter = get_adapter(adapter)
-    meta = sae.cfg.metadata
-    hook = meta.get("hook_name") if meta is not None else None
     if layer is None:
-        if hook is None:
+        layer = sae_layer(sae)
+        if layer is None:
             raise MismatchError(f"{source} has no metadata.hook_name; pass the layer id it was trained on")
-        layer = hook
     name = adapter.resolve_layer(layer)
-    if hook is not None:
-        try:
-            hook_resolved = adapter.resolve_layer(hook)
-        except KeyError:
-            hook_resolved = str(hook)
-        if hook_resolved != name:
-            raise MismatchError(f"{source} was trained on layer {hook!r} (cfg metadata.hook_name) but is used at "
-                                f"layer {name!r} of {adapter.name}; use an SAE trained on {name!r} or the "
-                                f"layer {hook!r}")
-    channels = adapter.layer(name).channels
-    if sae.cfg.d_in != channels:
-        raise MismatchError(f"{source} has d_in={sae.cfg.d_in} but layer {name!r} of {adapter.name} has "
-                            f"{channels} channels; use an SAE trained on this layer")
-    if check_model and meta is not None:
-        model_name = meta.get("model_name")
-        if model_name and model_name != adapter.name:
-            raise MismatchError(f"{source} was trained on model {model_name!r} but is used with {adapter.name!r};"
-                                " use an SAE trained on this model (or pass check_model=False if the names "
-                                "differ for the same network)")
-        wh = meta.get("weights_hash")
-        if wh and adapter.weights_hash and wh != adapter.weights_hash:
-            raise MismatchError(f"{source} was trained on {adapter.name} weights {wh[:12]}… but the model has "
-                                f"weights {adapter.weights_hash[:12]}…; retrain the SAE on these weights "
-                                "(or pass check_model=False)")
+    check_sae_fits(sae, adapter.layer(name).channels, name, adapter.name, f"layer {name!r} of {adapter.name}",
+                   adapter.weights_hash, check_model, source, adapter.resolve_layer)
     return name
 
 
@@ -100,14 +112,41 @@ def load_sae(path: str | Path, adapter: ModelAdapter | nn.Module | None = None, 
 
 
 def _sae_apply(sae: Any, x: torch.Tensor, fn: str) -> torch.Tensor:
+    """``sae.<fn>`` over the last dimension of ``x`` (..., D) on the device and in the dtype of the SAE's weights
+    (``W_enc``; also after ``sae.double()``); the result is on ``x``'s device."""
     shape = x.shape
-    out = getattr(sae, fn)(x.reshape(-1, shape[-1]).to(sae.dtype))
-    return out.reshape(*shape[:-1], out.shape[-1])
+    w = sae.W_enc
+    out = getattr(sae, fn)(x.reshape(-1, shape[-1]).to(w.device, w.dtype))
+    if out.is_sparse:
+        out = out.to_dense()
+    return out.reshape(*shape[:-1], out.shape[-1]).to(x.device)
 
 
-def encode_pfv(sae: Any, pfv: torch.Tensor) -> torch.Tensor:
-    """PFVs (..., D) → latents (..., S)."""
-    return _sae_apply(sae, pfv, "encode")
+def encode_pfv(sae: Any, pfv: torch.Tensor, return_pre: bool = False
+               ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """The one SAE encoder call: PFVs (..., D) → latents (..., S); with ``return_pre`` also the encoder
+    pre-activations (..., S).
+
+    The pre-activation is read from the SAE's own ``hook_sae_acts_pre`` hook point, exact for every sae-lens
+    architecture that runs it (standard, top-k, batch-top-k, JumpReLU, gated). An SAE whose ``encode`` does
+    not run that hook raises :class:`MismatchError` (never the post-activation in its place).
+    """
+    if not return_pre:
+        return _sae_apply(sae, pfv, "encode")
+    got: dict[str, torch.Tensor] = {}
+    hook_point = getattr(sae, "hook_sae_acts_pre", None)
+    if not isinstance(hook_point, nn.Module):
+        raise MismatchError(f"{type(sae).__name__} has no hook_sae_acts_pre hook point, so its encoder "
+                            "pre-activation cannot be read; use an sae-lens SAE architecture that has it")
+    handle = hook_point.register_forward_hook(lambda _m, _i, out: got.__setitem__("pre", out))
+    try:
+        post = _sae_apply(sae, pfv, "encode")
+    finally:
+        handle.remove()
+    if "pre" not in got:
+        raise MismatchError(f"{type(sae).__name__}.encode did not run its hook_sae_acts_pre hook point, so its "
+                            "encoder pre-activation cannot be read; use an sae-lens SAE architecture that runs it")
+    return post, got["pre"].reshape(post.shape).to(pfv.device)
 
 
 def decode(sae: Any, latents: torch.Tensor) -> torch.Tensor:
@@ -131,6 +170,16 @@ def encode_layer(sae: Any, adapter: ModelAdapter | nn.Module, act: torch.Tensor,
         return maps
     extra = encode_pfv(sae, batch.extra) if batch.extra is not None and batch.extra.shape[1] else None
     return maps, extra
+
+
+@torch.no_grad()
+def encode_images(sae: Any, adapter: ModelAdapter | nn.Module, layer: str, x: torch.Tensor
+                  ) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    """Preprocessed images ``x`` (B, 3, H, W) → PFVs (B, N, D) float32, SAE latents (B, N, S) float32 at
+    ``layer`` and the layer grid (h, w) (the model runs only up to ``layer``)."""
+    adapter = get_adapter(adapter)
+    batch = adapter.to_pfv(adapter.capture(x, [layer], stop_early=True)[layer])
+    return batch.pfv.float(), encode_pfv(sae, batch.pfv).float(), tuple(batch.grid)
 
 
 def decode_layer(sae: Any, adapter: ModelAdapter | nn.Module, latents_BhwS: torch.Tensor,

@@ -17,9 +17,10 @@ from tqdm.auto import tqdm
 from sae_cafe.activations import ShardReader
 from sae_cafe.artifacts import atomic_write_json
 from sae_cafe.errors import SaeCafeError
-from sae_cafe.images import iter_image_files
+from sae_cafe.image_source import ImageSource
+from sae_cafe.labels import Labels, labels_for_source
 from sae_cafe.models import get_adapter
-from sae_cafe.saes import load_sae, reconstruct_layer
+from sae_cafe.saes import check_sae_fits, load_sae, reconstruct_layer
 
 DEAD_MIN_PFVS = 100_000
 
@@ -96,19 +97,25 @@ def firing_histogram_png(freq: torch.Tensor, path: str | Path, title: str = "") 
     return path
 
 
-def _labels_for(images: Any, adapter: Any) -> list[int] | None:
-    """Labels of an ImageFolder source: folder name → ``adapter.class_names`` index (or sorted folder order)."""
-    if not isinstance(images, (str, Path)) or not Path(images).is_dir():
-        return None
-    files = iter_image_files(images)
-    classes = [c for _, c in files]
-    if any(c is None for c in classes):
-        return None
-    names = adapter.class_names
-    if names and all(c in names for c in set(classes)):
-        return [names.index(c) for c in classes]
-    order = sorted(set(classes))
-    return [order.index(c) for c in classes]
+def _eval_labels(images: Any, adapter: Any, labels: Any, class_names: Any = None
+                 ) -> tuple[torch.Tensor | None, dict[str, Any]]:
+    """Labels for the accuracy metrics, by :mod:`sae_cafe.labels`: ``labels`` is a mode (``"class_names"``,
+    ``"folder"``, ``"predicted"``), a :class:`~sae_cafe.labels.Labels`, (N,) class ids, or None (an
+    ImageFolder source under the ``"folder"`` policy; no accuracy for other sources). Returns the ids (None:
+    no accuracy) and the recorded decision. ``class_names``: a class-names file (or list) for the policy."""
+    if labels is None:
+        src = ImageSource(images)
+        if src.total is None or any(src.label(i) is None for i in range(len(src))):
+            return None, {"kind": "none", "note": "the images carry no labels; accuracy is not measured"}
+        labels = "folder"
+    if isinstance(labels, str):
+        labels = labels_for_source(images, labels, adapter, class_names=class_names)
+    if isinstance(labels, Labels):
+        if not labels.decision.model_classes:
+            return None, labels.decision.to_json()
+        return torch.tensor(labels.ids).long(), labels.decision.to_json()
+    return torch.as_tensor(labels).long(), {"kind": "given", "model_classes": True,
+                                            "note": "labels given by the caller as the model's class ids"}
 
 
 @torch.no_grad()
@@ -116,19 +123,24 @@ def evaluate_sae(sae_dir: str | Path, acts: str | Path | ShardReader | None = No
                  image_range: tuple[int, int] | None = None, model: Any = None, images: Any = None,
                  labels: Any = None, max_pfvs: int = 1_000_000, batch_size: int = 64,
                  dense_threshold: float = 0.1, out_dir: str | Path | None = None, progress: bool = True,
-                 ) -> dict[str, Any]:
+                 class_names: str | Path | list[str] | None = None) -> dict[str, Any]:
     """Evaluate the SAE at ``sae_dir`` as loaded by ``sae_lens.SAE.load_from_disk``.
 
     PFV metrics come from held-out images: the ``image_range`` of the ``acts`` stage, or (preferred when
     given) the PFVs of ``images`` through ``model``. With ``model`` and ``images`` the model's accuracy
     (``labels``, or ImageFolder class folders), top-1 agreement and mean KL(clean ‖ spliced) of the
-    logits with the SAE spliced in are also measured. Writes ``eval/metrics.json`` and
-    ``eval/firing_frequency.png`` under ``out_dir`` (default ``sae_dir``).
+    logits with the SAE spliced in are also measured. ``labels`` follow :mod:`sae_cafe.labels`: a mode
+    (``"class_names"``, ``"folder"``, ``"predicted"``), :class:`~sae_cafe.labels.Labels`, class ids, or None
+    (ImageFolder folders under the ``"folder"`` policy); ``class_names`` is an optional class-names file. The
+    label decision is recorded under ``"labels"`` (its sentence under ``"labels_note"``); labels that are not
+    the model's class ids give no accuracy. Writes ``eval/metrics.json`` and ``eval/firing_frequency.png``
+    under ``out_dir`` (default ``sae_dir``).
     """
     sae_dir = Path(sae_dir)
     out = Path(out_dir) if out_dir is not None else sae_dir / "eval"
     if model is not None and images is not None:
-        res = _eval_on_images(sae_dir, model, images, labels, max_pfvs, batch_size, dense_threshold, progress)
+        res = _eval_on_images(sae_dir, model, images, labels, max_pfvs, batch_size, dense_threshold, progress,
+                              class_names)
     elif acts is not None:
         res = _eval_on_acts(sae_dir, acts, image_range, max_pfvs, dense_threshold)
     else:
@@ -147,11 +159,8 @@ def _eval_on_acts(sae_dir: Path, acts: Any, image_range: tuple[int, int] | None,
                   dense_threshold: float) -> dict[str, Any]:
     reader = acts if isinstance(acts, ShardReader) else ShardReader(acts)
     sae = load_sae(sae_dir)
-    if sae.cfg.d_in != reader.d_in:
-        from sae_cafe.errors import MismatchError
-
-        raise MismatchError(f"SAE at {sae_dir} has d_in={sae.cfg.d_in}, shards at {reader.directory} "
-                            f"have d_in={reader.d_in}")
+    check_sae_fits(sae, reader.d_in, reader.layer, reader.model, f"the PFVs at {reader.directory}",
+                   reader.weights_hash, source=f"SAE at {sae_dir}")
     stats = _PFVStats(sae.cfg.d_in, sae.cfg.d_sae)
     total = 0
     for acts_b, img, _pos in reader.iter_batches(8192, dtype=torch.float32, with_provenance=True):
@@ -170,22 +179,17 @@ def _eval_on_acts(sae_dir: Path, acts: Any, image_range: tuple[int, int] | None,
 
 
 def _eval_on_images(sae_dir: Path, model: Any, images: Any, labels: Any, max_pfvs: int, batch_size: int,
-                    dense_threshold: float, progress: bool) -> dict[str, Any]:
-    from sae_cafe.activations.extract import ImageSource
-    from sae_cafe.images import SkipReport
-
+                    dense_threshold: float, progress: bool, class_names: Any = None) -> dict[str, Any]:
     adapter = get_adapter(model)
     sae = load_sae(sae_dir, adapter)  # checks d_in / layer / model against the adapter
     layer = adapter.resolve_layer(sae.cfg.metadata.hook_name)
-    if labels is None:
-        labels = _labels_for(images, adapter)
-    labels_t = torch.as_tensor(labels).long() if labels is not None else None
+    labels_t, label_decision = _eval_labels(images, adapter, labels, class_names)
     stats = _PFVStats(sae.cfg.d_in, sae.cfg.d_sae)
     n_img = correct = correct_sp = agree = 0
     kl_sum = 0.0
-    src = ImageSource(images, adapter, batch_size, skip_bad=False, report=SkipReport())
+    src = ImageSource(images)
     bar = tqdm(total=src.total, desc="evaluate SAE", unit="img", disable=not progress)
-    for ids, x, _next in src.batches(0):
+    for ids, x, _next in src.batches(adapter, batch_size):
         got: dict[str, torch.Tensor] = {}
 
         def keep(_m, _i, o, got=got):
@@ -214,7 +218,8 @@ def _eval_on_images(sae_dir: Path, model: Any, images: Any, labels: Any, max_pfv
     bar.close()
     res = stats.result(dense_threshold, None if stats.n >= max_pfvs else stats.n)
     res.update({"source": "images", "n_images": n_img, "layer": layer, "model": adapter.name,
-                "top1_agreement": agree / max(n_img, 1), "logit_kl": kl_sum / max(n_img, 1)})
+                "top1_agreement": agree / max(n_img, 1), "logit_kl": kl_sum / max(n_img, 1),
+                "labels": label_decision, "labels_note": label_decision["note"]})
     if labels_t is not None:
         res.update({"accuracy": correct / n_img, "spliced_accuracy": correct_sp / n_img,
                     "accuracy_drop": (correct - correct_sp) / n_img})

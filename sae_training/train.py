@@ -1,8 +1,8 @@
 """SAE training on activation shards through sae-lens (its architectures and ``SAETrainer``).
 
 The loop drives ``SAETrainer`` through its public seams (``step``, ``maybe_reset_sparsity``,
-``set_final_sae_metadata``) so that a time budget, resumable checkpoints (safetensors + JSON only, no
-pickles) and our progress display fit in; the optimisation itself is sae-lens's. The result is saved with
+``set_final_sae_metadata``) so that a time budget, resumable checkpoints (:mod:`.checkpoint`: safetensors +
+JSON only, no pickles) and our progress display fit in; the optimisation itself is sae-lens's. The result is saved with
 sae-lens's ``save_inference_model`` so ``sae_lens.SAE.load_from_disk`` loads it.
 """
 
@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import os
 import shutil
 import time
 from dataclasses import dataclass, field
@@ -19,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from sae_cafe.activations import ShardReader
@@ -36,13 +34,14 @@ from sae_cafe.artifacts import (
 )
 from sae_cafe.errors import ArtifactError, SaeCafeError
 
+from .checkpoint import check_seams, latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
 from .data import ShardDataProvider, holdout_split
 
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk")
 CHECKPOINTS = "checkpoints"
 
 
-@dataclass
+@dataclass(frozen=True)
 class SAETrainConfig:
     """Hyper-parameters of one SAE training run (CLI flags / TOML keys have the same names).
 
@@ -135,83 +134,9 @@ def make_trainer(sae, provider, cfg: SAETrainConfig, total_steps: int):
         dead_feature_window=cfg.dead_feature_window, feature_sampling_window=cfg.feature_sampling_window,
         n_checkpoints=0, checkpoint_path=None, n_batches_for_norm_estimate=min(
             100, max(10, 200_000 // cfg.batch_size)))
-    return SAETrainer(cfg=tcfg, sae=sae, data_provider=provider)
-
-
-# ----- checkpoints (safetensors + JSON; sae-lens's own trainer state is a torch pickle) -----------------------
-SCALER = "activation_scaler.json"
-
-
-def save_checkpoint(trainer, path: Path, elapsed: float, extra: dict[str, Any] | None = None) -> None:
-    """SAE weights (sae-lens ``save_model``), optimiser/scheduler/sparsity state, scaler — no pickles.
-
-    Written into ``.<name>.tmp`` and renamed into place, so a checkpoint directory is always complete.
-    ``extra`` (JSON) is stored in ``trainer_state.json`` (the data position and loss history of a run).
-    """
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    trainer.sae.save_model(str(tmp))
-    opt = trainer.optimizer.state_dict()
-    tensors = {"act_freq_scores": trainer.act_freq_scores.cpu(),
-               "n_forward_passes_since_fired": trainer.n_forward_passes_since_fired.cpu()}
-    for pid, st in opt["state"].items():
-        for key, v in st.items():
-            tensors[f"optim.{pid}.{key}"] = torch.as_tensor(v).cpu().contiguous()
-    save_file(tensors, str(tmp / "trainer_state.safetensors"))
-    state = {
-        "param_groups": opt["param_groups"], "lr_scheduler": trainer.lr_scheduler.state_dict(),
-        "n_training_samples": trainer.n_training_samples, "n_training_steps": trainer.n_training_steps,
-        "n_frac_active_samples": trainer.n_frac_active_samples,
-        "coefficient_schedulers": {n: s.state_dict() for n, s in trainer.coefficient_schedulers.items()},
-        "scaling_factor": trainer.activation_scaler.scaling_factor, "elapsed": elapsed,
-        "started_fine_tuning": bool(getattr(trainer, "started_fine_tuning", False)), **(extra or {}),
-    }
-    trainer.activation_scaler.save(str(tmp / SCALER))  # JSON (+ whitening safetensors)
-    atomic_write_json(tmp / "trainer_state.json", state)
-    if path.exists():
-        shutil.rmtree(path)
-    os.replace(tmp, path)
-
-
-def load_checkpoint(trainer, path: Path) -> float:
-    """Restore what :func:`save_checkpoint` wrote into a freshly built trainer; returns elapsed seconds."""
-    trainer.sae.load_weights_from_checkpoint(path)
-    tensors = load_file(str(path / "trainer_state.safetensors"), device=str(trainer.sae.device))
-    state = json.loads((path / "trainer_state.json").read_text())
-    opt_state: dict[int, dict[str, torch.Tensor]] = {}
-    for key, v in tensors.items():
-        if key.startswith("optim."):
-            _, pid, name = key.split(".", 2)
-            opt_state.setdefault(int(pid), {})[name] = v.cpu() if name == "step" else v
-    trainer.optimizer.load_state_dict({"state": opt_state, "param_groups": state["param_groups"]})
-    trainer.lr_scheduler.load_state_dict(state["lr_scheduler"])
-    trainer.n_training_samples = state["n_training_samples"]
-    trainer.n_training_steps = state["n_training_steps"]
-    trainer.n_frac_active_samples = state["n_frac_active_samples"]
-    trainer.act_freq_scores = tensors["act_freq_scores"]
-    trainer.n_forward_passes_since_fired = tensors["n_forward_passes_since_fired"]
-    for n, s in state["coefficient_schedulers"].items():
-        trainer.coefficient_schedulers[n].load_state_dict(s)
-    if (path / SCALER).exists():
-        trainer.activation_scaler.load(path / SCALER)
-    else:  # checkpoints of earlier versions
-        trainer.activation_scaler.scaling_factor = state["scaling_factor"]
-    if hasattr(trainer, "started_fine_tuning"):
-        trainer.started_fine_tuning = bool(state.get("started_fine_tuning", False))
-    return float(state.get("elapsed", 0.0))
-
-
-def read_checkpoint_state(path: Path) -> dict[str, Any]:
-    """The JSON part of a checkpoint (steps, data position, loss history, …)."""
-    return json.loads((path / "trainer_state.json").read_text())
-
-
-def _latest_checkpoint(directory: Path) -> Path | None:
-    cks = [p for p in directory.glob("step_*") if (p / "trainer_state.json").exists()]
-    return max(cks, key=lambda p: int(p.name.split("_")[1])) if cks else None
+    trainer = SAETrainer(cfg=tcfg, sae=sae, data_provider=provider)
+    check_seams(trainer)
+    return trainer
 
 
 # ----- training ---------------------------------------------------------------------------------------------
@@ -247,7 +172,7 @@ def run_training(trainer, provider, cfg: SAETrainConfig, total_steps: int, ckpt_
 
     def checkpoint(step: int) -> None:
         save_checkpoint(trainer, ckpt_dir / f"step_{step:08d}", time.perf_counter() - start,
-                        {"provider_batches": int(getattr(provider, "served", -1)), "history": history})
+                        {"provider_batches": int(provider.served), "history": history})
 
     start = time.perf_counter() - elapsed0
     step0 = trainer.n_training_steps
@@ -329,6 +254,10 @@ def train_sae(acts_dir: str | Path, out_dir: str | Path | None = None, architect
     if final.exists() and (final / MANIFEST).exists() and not overwrite:
         raise ArtifactError(f"{final} already holds an SAE; pass overwrite=True (CLI --overwrite)")
     train_rng, held_rng = holdout_split(reader.n_images, config.holdout)
+    if evaluate and (eval_images is None or model is None) and held_rng[1] <= held_rng[0]:
+        raise SaeCafeError(f"holdout={config.holdout} leaves no held-out image of the {reader.n_images} in "
+                           f"{reader.directory} to evaluate the SAE on; set holdout > 0 (with at least 2 images), "
+                           "pass eval_images (and model), or evaluate=False")
     dataset_name = reader.manifest.get("dataset", {}).get("name")
     metadata = {
         "model_name": reader.model, "hook_name": reader.layer, "weights_hash": reader.weights_hash,
@@ -352,8 +281,7 @@ def train_sae(acts_dir: str | Path, out_dir: str | Path | None = None, architect
     if evaluate:
         from .evaluate import evaluate_sae
 
-        held = held_rng if held_rng[1] > held_rng[0] else train_rng
-        metrics["eval"] = evaluate_sae(final, acts=reader.directory, image_range=held, model=model,
+        metrics["eval"] = evaluate_sae(final, acts=reader.directory, image_range=held_rng, model=model,
                                        images=eval_images, labels=eval_labels, progress=progress)
     if return_sae:
         if sae is None:
@@ -398,15 +326,12 @@ def _train(reader: ShardReader, final: Path, tmp: Path, config: SAETrainConfig, 
     total_steps = int(config.steps) if config.steps is not None else 10 ** 9 // config.batch_size
     trainer = make_trainer(sae, provider, config, total_steps)
     elapsed0, history = 0.0, []
-    latest = _latest_checkpoint(ckpt_dir) if resume else None
+    latest = latest_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
         elapsed0 = load_checkpoint(trainer, latest)
         state = read_checkpoint_state(latest)
-        history = state.get("history", [])
-        if state.get("provider_batches", -1) >= 0:
-            provider.skip(state["provider_batches"])  # continue with the batches an uninterrupted run sees
-        else:  # checkpoint of an earlier version: no data position recorded
-            provider.gen.manual_seed(config.seed + trainer.n_training_steps)
+        history = state["history"]
+        provider.skip(state["provider_batches"])  # continue with the batches an uninterrupted run sees
     summary = run_training(trainer, provider, config, total_steps, ckpt_dir, progress, elapsed0,
                            history=history)
     summary["resumed_from_step"] = int(latest.name.split("_")[1]) if latest is not None else None

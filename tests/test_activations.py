@@ -212,3 +212,28 @@ def test_shard_writer_bounds_memory(tmp_path):
     assert [s["n"] for s in w.shards] == [12, 9] and w.images_done == 7
     with pytest.raises(MismatchError):
         w.add(torch.randn(2, 5), torch.zeros(2), torch.zeros(2, 2))
+
+
+def test_logit_sampling_records_its_relevance(tmp_path, resnet, images, monkeypatch):
+    """sampling='logit' weights positions by SRD; a model SRD has no rules for uses gradient × activation, and
+    the manifest says so (with a warning) instead of switching silently."""
+    from sae_cafe.activations import extract
+    from sae_cafe.errors import UnsupportedModuleError
+
+    kw = dict(positions_per_image=3, sampling="logit", progress=False, batch_size=4)
+    d = extract_activations(resnet, images[:6], "layer3", root=tmp_path / "srd", **kw)["layer3"]
+    m = ShardReader(d).manifest
+    assert m["sampling_relevance"] == "srd" and m["warnings"] == []
+
+    def no_rules(adapter, *a, **k):
+        raise UnsupportedModuleError(f"SRD has no rules for model family {adapter.family!r}")
+
+    monkeypatch.setattr(extract, "srd_relevance", no_rules)
+    with pytest.warns(UserWarning, match="gradient_x_activation"):
+        d = extract_activations(resnet, images[:6], "layer3", root=tmp_path / "gxa", **kw)["layer3"]
+    m = ShardReader(d).manifest
+    assert m["sampling_relevance"].startswith("gradient_x_activation (SRD unavailable")
+    assert len(m["warnings"]) == 1 and "no rules" in m["warnings"][0]
+    u = extract_activations(resnet, images[:6], "layer3", root=tmp_path / "uni", positions_per_image=3,
+                            progress=False)["layer3"]
+    assert ShardReader(u).manifest["sampling_relevance"] is None  # uniform sampling uses no relevance

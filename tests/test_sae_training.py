@@ -16,6 +16,7 @@ from tiny_models import tiny_resnet
 
 from sae_cafe.activations.extract import extract_activations
 from sae_cafe.activations.shards import ShardReader
+from sae_cafe.errors import MismatchError
 from sae_training.data import ShardDataProvider, holdout_split
 from sae_training.evaluate import evaluate_sae
 from sae_training.train import (
@@ -228,7 +229,7 @@ def test_cli_extract_train_eval(tmp_path, monkeypatch, capsys):
     from sae_cafe.cli import main
 
     imgs = tmp_path / "imgs"
-    for c in ("a", "b"):
+    for c in ("red_circle", "blue_star"):  # class names of mini_resnet: accuracy is measured
         (imgs / c).mkdir(parents=True)
         for i in range(3):
             arr = np.random.default_rng(i + (c == "b") * 10).integers(0, 255, (48, 48, 3), dtype=np.uint8)
@@ -251,7 +252,51 @@ def test_cli_extract_train_eval(tmp_path, monkeypatch, capsys):
     assert main(["eval-sae", "--sae", str(sae_dir), "--acts", str(root / "cli" / "acts" / "mini_resnet" / "layer4")
                  ]) == 0
     assert "l0" in capsys.readouterr().out
+    # folders that are not the model's classes: no accuracy, and the output says why (no silent index mapping)
+    (imgs / "red_circle").rename(imgs / "a")
+    assert main(["eval-sae", "--sae", str(sae_dir), "--model", "mini_resnet", "--images", str(imgs)]) == 0
+    out = capsys.readouterr().out
+    assert "spliced_accuracy" not in out and "label vocabulary" in out and "'a'" in out
     toml.write_text("[sae]\nbogus = 1\n")
     assert main(["train-sae", "--config", str(toml), "--acts", str(root / "cli" / "acts" / "mini_resnet" /
                                                                    "layer4")]) == 2
     assert "unknown keys ['bogus']" in capsys.readouterr().err
+
+
+def test_evaluation_needs_a_held_out_set(tmp_path, acts):
+    """No held-out images (holdout=0) is a clear error before training, never an evaluation on training images."""
+    from sae_cafe.errors import SaeCafeError
+
+    with pytest.raises(SaeCafeError, match=r"holdout=0.0 leaves no held-out image of the 40"):
+        train_sae(acts, tmp_path / "s", steps=5, batch_size=64, holdout=0.0, n_checkpoints=0, progress=False)
+    assert not (tmp_path / "s").exists() and not (tmp_path / ".s.tmp").exists()
+    res = train_sae(acts, tmp_path / "s", steps=5, batch_size=64, holdout=0.0, n_checkpoints=0, progress=False,
+                    evaluate=False)
+    assert "eval" not in res and res["training"]["steps"] == 5
+
+
+def test_evaluate_labels_follow_the_label_policy(tmp_path, resnet):
+    """Folders that are not the model's classes give no accuracy (the decision says why); a class-names file
+    that names them makes them the model's class ids; predicted labels give accuracy 1."""
+    d = identity_sae_dir(tmp_path / "id", 128, "layer2", "resnet18")
+    imgs = tmp_path / "imgs"
+    for c in ("cow", "ant"):
+        (imgs / c).mkdir(parents=True)
+        for i in range(3):
+            arr = np.random.default_rng(i + 5 * len(c) + ord(c[0])).integers(0, 255, (32, 32, 3), dtype=np.uint8)
+            Image.fromarray(arr).save(imgs / c / f"{i}.png")
+    kw = dict(model=resnet, images=imgs, progress=False)
+    res = evaluate_sae(d, **kw)
+    assert "accuracy" not in res and res["labels"]["kind"] == "folder_vocabulary"
+    assert res["labels"]["vocabulary"] == ["ant", "cow"] and "not the model's outputs" in res["labels_note"]
+    names = tmp_path / "classes.txt"
+    names.write_text("bee\ncow\nant\ndog\nemu\n")  # resnet18 here has 5 outputs
+    res = evaluate_sae(d, class_names=names, **kw)
+    assert res["labels"]["kind"] == "model_classes" and res["labels"]["class_names_source"] == str(names)
+    with torch.no_grad():
+        pred = resnet.model(resnet.preprocess(sorted(imgs.rglob("*.png")))).argmax(-1)
+    want = torch.tensor([2] * 3 + [1] * 3)  # ant/… then cow/… (sorted files)
+    assert res["accuracy"] == pytest.approx(float((pred == want).float().mean()))
+    with pytest.raises(MismatchError, match=r"'ant'.*'cow'|'cow'.*'ant'"):
+        evaluate_sae(d, labels="class_names", **kw)  # the model has no class names: a clear error
+    assert evaluate_sae(d, labels="predicted", **kw)["accuracy"] == 1.0

@@ -122,3 +122,81 @@ def test_load_sae_checks_dims_layer_and_model(tmp_path):
     assert load_sae(vd, vit, layer=1).cfg.d_in == 32  # block index alias
     with pytest.raises(MismatchError):
         run_with_saes(vit, torch.zeros(1, 3, 32, 32), {"blocks.0": load_sae(vd)})
+
+
+def test_one_encode_function(x):
+    """encode_images (images → PFVs, latents), encode_layer (layer output → maps) and the ICAT pre/post read go
+    through the same encoder call; float64 SAEs get float64 inputs."""
+    from sae_cafe.icat.attribute import sae_encode_with_pre
+    from sae_cafe.saes import encode_images, encode_pfv
+
+    adapter = tiny_resnet()
+    sae = random_sae(128, "layer2", "resnet18")
+    pfv, lat, grid = encode_images(sae, adapter, "layer2", x)
+    with torch.no_grad():
+        act = adapter.capture(x, ["layer2"])["layer2"]
+        maps = encode_layer(sae, adapter, act)
+        assert grid == (4, 4) and pfv.shape == (3, 16, 128) and lat.shape == (3, 16, 64)
+        torch.testing.assert_close(lat, maps.reshape(3, 16, 64))
+        post, pre = sae_encode_with_pre(sae, pfv)
+        torch.testing.assert_close(post, lat)
+        ref_pre = pfv @ sae.W_enc + sae.b_enc - (sae.b_dec @ sae.W_enc if sae.cfg.apply_b_dec_to_input else 0)
+        torch.testing.assert_close(pre, ref_pre, rtol=1e-5, atol=1e-5)
+        sae64 = random_sae(128, "layer2", "resnet18").double()
+        out = encode_pfv(sae64, pfv[0])
+        assert out.dtype == torch.float64
+        torch.testing.assert_close(out, (pfv[0].double() @ sae64.W_enc + sae64.b_enc
+                                         - (sae64.b_dec @ sae64.W_enc if sae64.cfg.apply_b_dec_to_input else 0)
+                                         ).relu())
+
+
+def test_pre_activation_never_falls_back_to_post(x):
+    """An SAE whose encoder does not run hook_sae_acts_pre cannot give pre-activations: a clear error, not the
+    post-activation in its place."""
+    from sae_cafe.icat.attribute import sae_encode_with_pre
+
+    class NoPreHook(StandardSAE):
+        def encode(self, x):
+            return (x @ self.W_enc + self.b_enc).relu()
+
+    sae = NoPreHook(StandardSAEConfig(d_in=8, d_sae=16))
+    with pytest.raises(MismatchError, match=r"NoPreHook.*hook_sae_acts_pre.*pre-activation cannot be read"):
+        sae_encode_with_pre(sae, torch.randn(4, 8))
+    from sae_cafe.icat import attribute
+
+    adapter = tiny_resnet()
+    src, tgt = NoPreHook(StandardSAEConfig(d_in=128, d_sae=32)), NoPreHook(StandardSAEConfig(d_in=256, d_sae=16))
+    good_src, good_tgt = random_sae(128, "layer2", "resnet18"), random_sae(256, "layer3", "resnet18")
+    # the source SAE needs only its activation; a target read at n* needs the pre-activation
+    assert attribute(adapter, {"layer2": src, "layer3": good_tgt}, x[:1], "layer2", "layer3", method="grad"
+                     ).shape == (1, 32, 64)
+    with pytest.raises(MismatchError, match="pre-activation cannot be read"):
+        attribute(adapter, {"layer2": good_src, "layer3": tgt}, x[:1], "layer2", "layer3", method="grad")
+    assert attribute(adapter, {"layer2": good_src, "layer3": tgt}, x[:1], "layer2", "layer3", method="grad",
+                     target_fn="post", aggregate="sum").shape == (1, 64, 16)
+
+
+def test_sae_width_mismatch_is_one_clear_error_everywhere(tmp_path, x):
+    """CAFE, ICAT and the SAE evaluation use the one check: a wrong-width SAE names both widths."""
+    from sae_cafe.activations.extract import extract_activations
+    from sae_cafe.cafe import build_cafe
+    from sae_cafe.icat import attribute
+    from sae_training.evaluate import evaluate_sae
+
+    adapter = tiny_resnet()
+    wrong = identity_sae(64, None, None)
+    both = r"d_in=64 but .*layer 'layer2'.* 128 channels"
+    with pytest.raises(MismatchError, match=both):
+        build_cafe(adapter, wrong, "layer2", x, out_dir=tmp_path / "cafe", progress=False)
+    good = random_sae(256, "layer3", "resnet18")
+    with pytest.raises(MismatchError, match=both):
+        attribute(adapter, {"layer2": wrong, "layer3": good}, x[:1], "layer2", "layer3", method="grad")
+    acts = extract_activations(adapter, x, "layer2", root=tmp_path, progress=False)["layer2"]
+    sae_dir = tmp_path / "sae64"
+    identity_sae(64, "layer2", "resnet18").save_model(sae_dir)
+    with pytest.raises(MismatchError, match=rf"d_in=64 but the PFVs at {acts}.* 128 channels"):
+        evaluate_sae(sae_dir, acts=acts)
+    other = tmp_path / "sae_l3"
+    identity_sae(128, "layer3", "resnet18").save_model(other)
+    with pytest.raises(MismatchError, match=r"trained on layer 'layer3'.*used at layer 'layer2'"):
+        evaluate_sae(other, acts=acts)

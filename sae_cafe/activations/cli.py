@@ -6,25 +6,28 @@ import argparse
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..cli_help import HelpFormatter, add_common
+
     p = subparsers.add_parser("extract", help="extract PFV activations of model layers into shards",
                               description="Run a model over images and store PFVs of one or more layers "
-                                          "(one forward pass) in indexes/<run>/acts/<model>/<layer>/.")
-    p.add_argument("--model", required=True, help="registered model name (see load_model)")
-    p.add_argument("--weights", default=None, help="local weights file (.pth/.safetensors)")
-    p.add_argument("--images", required=True, help="image folder (flat or ImageFolder) or file")
+                                          "(one forward pass) in <root>/<run>/acts/<model>/<layer>/.",
+                              formatter_class=HelpFormatter)
+    add_common(p)
+    p.add_argument("--images", required=True, help="image folder (flat, or ImageFolder: one sub-folder per "
+                   "class) or one image file; recorded in the stage")
     p.add_argument("--layers", nargs="+", required=True, help="layer ids, e.g. layer3.1 blocks.5")
-    p.add_argument("--run", default="default", help="run name under the artifact root")
-    p.add_argument("--root", default=None, help="artifact root (default indexes/ or $SAE_CAFE_ROOT)")
-    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
+    p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"],
+                   help="storage dtype of the shards")
     p.add_argument("--shard-size", type=int, default=65536, help="PFV rows per shard")
-    p.add_argument("--batch-size", type=int, default=32)
+    p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
     p.add_argument("--include-cls", action="store_true", help="ViT: also store class/register tokens")
-    p.add_argument("--positions-per-image", type=int, default=None, help="sample k positions per image")
-    p.add_argument("--sampling", default="uniform", choices=["uniform", "logit"])
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--positions-per-image", type=int, default=None,
+                   help="sample k positions per image (default: every position)")
+    p.add_argument("--sampling", default="uniform", choices=["uniform", "logit"],
+                   help="how --positions-per-image picks positions")
+    p.add_argument("--seed", type=int, default=0, help="seed of the position sampling")
     p.add_argument("--skip-bad", action="store_true", help="skip unreadable images and report them")
     p.add_argument("--overwrite", action="store_true", help="re-extract finished stages")
-    p.add_argument("--device", default=None)
     p.set_defaults(func=_run)
 
 
@@ -32,11 +35,12 @@ def _run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from ..models import load_model
+    from ..artifacts import run_dir
+    from ..model_record import resolve_run_model
     from .extract import extract_activations
     from .shards import ShardReader
 
-    adapter = load_model(args.model, weights=args.weights, device=args.device)
+    adapter = resolve_run_model(run_dir(args.run, args.root), args.model, args.weights, args.device)
     dirs = extract_activations(adapter, args.images, args.layers, run=args.run, root=args.root, dtype=args.dtype,
                                shard_size=args.shard_size, batch_size=args.batch_size,
                                include_cls=args.include_cls, positions_per_image=args.positions_per_image,

@@ -12,7 +12,7 @@ import hashlib
 import json
 import shutil
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -32,21 +32,24 @@ from ..artifacts import (
     temp_stage_path,
     write_manifest,
 )
-from ..errors import ArtifactError, ImageReadError, SaeCafeError
-from ..images import SkipReport, iter_image_files, iter_images
+from ..errors import ArtifactError, ImageReadError, SaeCafeError, UnsupportedModuleError
+from ..image_source import ImageSource
+from ..images import SkipReport
 from ..models import ModelAdapter, get_adapter
+from ..srd import srd_relevance
 from .shards import CANONICAL_DTYPE, IMAGES_FILE, ShardReader, ShardWriter, parse_dtype, write_progress
 
 PROGRESS = "progress.json"
 
 
-@dataclass
+@dataclass(frozen=True)
 class ExtractConfig:
     """What is extracted and how (recorded in every layer's manifest).
 
     ``positions_per_image``: keep k PFVs per image (None: all); ``sampling``: ``"uniform"`` or ``"logit"``
-    (weighted by the position's contribution to the predicted logit). ``include_cls``: also store ViT
-    class/register tokens (row = -1).
+    (weighted by the position's SRD relevance for the predicted logit; gradient × activation for a model SRD
+    has no rules for — the manifest's ``sampling_relevance`` and ``warnings`` say which). ``include_cls``: also
+    store ViT class/register tokens (row = -1).
     """
 
     layers: list[str] = field(default_factory=list)
@@ -60,137 +63,24 @@ class ExtractConfig:
     skip_bad: bool = False
 
 
-# ----- image sources ---------------------------------------------------------------------------------------
-class ImageSource:
-    """Batches ``(ids, x (B,3,H,W), next_item)`` from any image source, starting at source item ``start``.
-
-    ``next_item`` is the source position after the batch (what a resumed run skips to).
-    """
-
-    def __init__(self, images: Any, adapter: ModelAdapter, batch_size: int, skip_bad: bool,
-                 report: SkipReport):
-        self.adapter, self.batch_size, self.skip_bad, self.report = adapter, batch_size, skip_bad, report
-        self.items: Sequence | None = None
-        self.base: Path | None = None
-        self.tensor: torch.Tensor | None = None
-        self.iterable: Iterable | None = None
-        self.description = type(images).__name__
-        self.fingerprint: str | None = None
-        if isinstance(images, (str, Path)):
-            p = Path(images)
-            if p.is_dir():
-                self.items = [q for q, _ in iter_image_files(p)]
-                self.base = p
-            elif p.exists():
-                self.items, self.base = [p], p.parent
-            else:
-                raise ImageReadError(f"{p}: no such file or folder of images")
-            self.description = str(p)
-            self.fingerprint = hash_json([[str(q.relative_to(self.base)), q.stat().st_size] for q in self.items])
-        elif isinstance(images, torch.Tensor):
-            if images.ndim == 3:
-                images = images[None]
-            self.tensor = images
-            self.description = f"tensor{tuple(images.shape)}"
-            flat = images.detach().float().flatten()
-            self.fingerprint = hash_json([list(images.shape), float(flat[:: max(1, flat.numel() // 4096)].sum())])
-        elif isinstance(images, (list, tuple)):
-            self.items = images
-            self.description = f"list[{len(images)}]"
-            if all(isinstance(i, (str, Path)) for i in images):
-                self.fingerprint = hash_json([str(i) for i in images])
-        else:
-            self.iterable = images
-        self.total = (len(self.items) if self.items is not None
-                      else self.tensor.shape[0] if self.tensor is not None else None)
-
-    def batches(self, start: int = 0) -> Iterator[tuple[list[str], torch.Tensor, int]]:
-        bs = self.batch_size
-        if self.tensor is not None:
-            for a in range(start, self.tensor.shape[0], bs):
-                x = self.adapter.preprocess(self.tensor[a:a + bs])
-                b = x.shape[0]
-                yield [f"image_{a + i:06d}" for i in range(b)], x.to(self.adapter.device), a + b
-            return
-        if self.items is not None:
-            for a in range(start, len(self.items), bs):
-                yield self._image_batch(list(self.items[a:a + bs]), a)
-            return
-        yield from self._iter_generic(start)
-
-    def _name(self, name: str, offset: int, chunk: Sequence) -> str:
-        if self.base is not None:
-            return str(Path(name).relative_to(self.base))
-        if name.startswith("image_") and name[6:].isdigit() and not any(isinstance(c, (str, Path))
-                                                                        for c in chunk):
-            return f"image_{offset + int(name[6:]):06d}"
-        return name
-
-    def _iter_generic(self, start: int) -> Iterator[tuple[list[str], torch.Tensor, int]]:
-        """Any iterable of images or of (N,3,H,W) tensor batches (also ``(x, y)`` pairs from a DataLoader)."""
-        pos = 0
-        pending: list = []
-        pending_pos = 0
-        for el in self.iterable:
-            if isinstance(el, (tuple, list)) and el and isinstance(el[0], torch.Tensor) and el[0].ndim == 4:
-                el = el[0]
-            if isinstance(el, torch.Tensor) and el.ndim == 4:
-                b = el.shape[0]
-                if pos + b <= start:
-                    pos += b
-                    continue
-                skip = max(0, start - pos)
-                x = self.adapter.preprocess(el[skip:]).to(self.adapter.device)
-                yield [f"image_{pos + skip + i:06d}" for i in range(b - skip)], x, pos + b
-                pos += b
-                continue
-            if pos < start:
-                pos += 1
-                continue
-            if not pending:
-                pending_pos = pos
-            pending.append(el)
-            pos += 1
-            if len(pending) == self.batch_size:
-                yield self._image_batch(pending, pending_pos)
-                pending = []
-        if pending:
-            yield self._image_batch(pending, pending_pos)
-
-    def _image_batch(self, items: list, first: int) -> tuple[list[str], torch.Tensor, int]:
-        """Read and preprocess ``items`` (source positions ``first…``); unreadable ones are skipped (or raise)."""
-        ids, pils = [], []
-        local = SkipReport()
-        for name, img in iter_images(items, skip_bad=self.skip_bad, report=local):
-            ids.append(self._name(name, first, items))
-            pils.append(img)
-        for n, r in local.skipped:
-            self.report.add(self._name(n, first, items), r)
-        x = self.adapter.preprocess(pils).to(self.adapter.device) if pils else torch.empty(0)
-        return ids, x, first + len(items)
-
-
 # ----- position selection ------------------------------------------------------------------------------------
 def _logit_relevance(adapter: ModelAdapter, x: torch.Tensor, layers: list[str]) -> tuple[
-        dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-    """Relevance of each PFV position for the predicted logit: ``{layer: (B, N)}`` plus the activations.
+        dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
+    """Relevance of each PFV position for the predicted logit: ``{layer: (B, N)}``, the activations and the
+    method used.
 
-    Uses SRD (``sae_cafe.srd.srd_relevance``) when present, else gradient × activation summed over channels.
+    The method is ``"srd"`` (``sae_cafe.srd.srd_relevance``) or, for a model SRD has no rules for
+    (:class:`UnsupportedModuleError`), ``"gradient_x_activation"`` summed over channels; the caller records
+    which one in the manifest.
     """
     with torch.no_grad():
         acts = adapter.capture(x, layers)
+        target = adapter.model(x).argmax(-1)
     try:
-        from ..srd import srd_relevance  # noqa: PLC0415 - optional, written in parallel
-    except ImportError:
-        srd_relevance = None
-    if srd_relevance is not None:
-        with torch.no_grad():
-            target = adapter.model(x).argmax(-1)
-        try:
-            rel = srd_relevance(adapter, x, target, layers)
-            return {n: rel[n].flatten(1).detach().float() for n in layers}, acts
-        except SaeCafeError as e:  # e.g. a module SRD has no rule for
-            warnings.warn(f"SRD relevance unavailable ({e}); using gradient × activation", stacklevel=2)
+        rel = srd_relevance(adapter, x, target, layers)
+        return {n: rel[n].flatten(1).detach().float() for n in layers}, acts, "srd"
+    except UnsupportedModuleError as e:
+        reason = f"gradient_x_activation (SRD unavailable for {adapter.name}: {e})"
     held: dict[str, torch.Tensor] = {}
 
     def keep(n: str):
@@ -202,8 +92,7 @@ def _logit_relevance(adapter: ModelAdapter, x: torch.Tensor, layers: list[str]) 
     with torch.enable_grad(), adapter.hooks({n: keep(n) for n in layers}):
         xg = x.detach().requires_grad_(True)
         logits = adapter.model(xg)
-        target = logits.argmax(-1)
-        logits.gather(1, target[:, None]).sum().backward()
+        logits.gather(1, logits.argmax(-1)[:, None]).sum().backward()
     out = {}
     for n in layers:
         a = held[n]
@@ -213,7 +102,7 @@ def _logit_relevance(adapter: ModelAdapter, x: torch.Tensor, layers: list[str]) 
         else:  # tokens (B, T, D): patch tokens only
             out[n] = adapter.to_pfv(ga).pfv.sum(-1)
     adapter.model.zero_grad(set_to_none=True)
-    return out, acts
+    return out, acts, reason
 
 
 def _select(n_img: int, n_pos: int, k: int | None, seed: int, first_image: int,
@@ -274,14 +163,14 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
     cfg = ExtractConfig(names, CANONICAL_DTYPE[parse_dtype(dtype)], int(shard_size), int(batch_size),
                         bool(include_cls), positions_per_image, sampling, int(seed), bool(skip_bad))
     report = SkipReport()
-    source = ImageSource(images, adapter, cfg.batch_size, cfg.skip_bad, report)
+    source = ImageSource(images)
     infos = adapter.layers()
     finals = {n: Path(out_dirs[n]) if out_dirs and n in out_dirs
               else stage_path(run, "acts", adapter.name, _layer_dir_name(n), root=root) for n in names}
     preprocessing = {"input_size": list(adapter.input_size), "mean": list(adapter.mean),
                      "std": list(adapter.std), "resize": adapter.resize}
     dataset_info = {"name": dataset or source.description, "source": source.description,
-                    "fingerprint": source.fingerprint}
+                    "fingerprint": source.fingerprint()}
 
     def layer_key(n: str) -> str:
         c = dataclasses.replace(cfg, layers=[n])
@@ -353,11 +242,13 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
     ids_fd = {n: open(temp_stage_path(finals[n]) / IMAGES_FILE, "a") for n in todo}  # noqa: SIM115
 
     need_grad = cfg.positions_per_image is not None and cfg.sampling == "logit"
+    # which relevance weighted the logit sampling (kept in progress.json across a resume, recorded in the manifest)
+    relevance = next((progs[n]["relevance"] for n in todo if progs[n].get("relevance")), None)
     n_img = start_img
     bar = tqdm(total=source.total, initial=start_item, desc=f"extract {adapter.name}", unit="img",
                disable=not progress)
     try:
-        for ids, x, next_item in source.batches(start_item):
+        for ids, x, next_item in source.batches(adapter, cfg.batch_size, start_item, cfg.skip_bad, report):
             bar.update(next_item - bar.n)
             if not ids:
                 continue
@@ -365,7 +256,7 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
             for fd in ids_fd.values():
                 fd.write("".join(i + "\n" for i in ids))
             if need_grad:
-                weights, acts = _logit_relevance(adapter, x, todo)
+                weights, acts, relevance = _logit_relevance(adapter, x, todo)
             else:
                 weights = None
                 with torch.no_grad():
@@ -379,11 +270,11 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
                 if not keep.all():
                     rows, img_idx, pos = rows[keep], img_idx[keep], pos[keep]
                 if w.add(rows, img_idx, pos, images_end=n_img + b, next_item=next_item):
-                    _save_progress(w, keys[n], ids_fd[n], n_img + b, report)
+                    _save_progress(w, keys[n], ids_fd[n], n_img + b, report, relevance)
             n_img += b
         for n in todo:
             writers[n].flush(images_end=n_img, next_item=source.total if source.total is not None else -1)
-            _save_progress(writers[n], keys[n], ids_fd[n], n_img, report)
+            _save_progress(writers[n], keys[n], ids_fd[n], n_img, report, relevance)
     finally:
         bar.close()
         for fd in ids_fd.values():
@@ -393,6 +284,10 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
             f"\n{report.summary()}" if report.skipped else ""))
     if report.skipped:
         warnings.warn(report.summary(), stacklevel=2)
+    notes = []
+    if relevance is not None and relevance != "srd":
+        notes.append(f"sampling='logit' weighted positions by {relevance}")
+        warnings.warn(notes[-1], stacklevel=2)
 
     for n in todo:
         tmp, w, info = temp_stage_path(finals[n]), writers[n], infos[n]
@@ -410,7 +305,8 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
             preprocessing=preprocessing, dataset=dataset_info, dtype=cfg.dtype, shards=w.shards,
             counts={"n": w.n_written, "n_images": n_img, "n_shards": len(w.shards),
                     "skipped_images": len(report.skipped)},
-            skipped=report.skipped[:1000], extract_key=keys[n])
+            skipped=report.skipped[:1000], extract_key=keys[n],
+            sampling_relevance=relevance if need_grad else None, warnings=notes)
         _publish(tmp, finals[n])
     return finals
 
@@ -458,11 +354,13 @@ def _rows(adapter: ModelAdapter, act: torch.Tensor, first_image: int, cfg: Extra
     return torch.cat(parts), torch.cat(imgs), torch.cat(poss)
 
 
-def _save_progress(w: ShardWriter, key: str, ids_fd: Any, images_end: int, report: SkipReport) -> None:
-    """Record the finished shards (and the images skipped so far) after flushing ``images.txt``."""
+def _save_progress(w: ShardWriter, key: str, ids_fd: Any, images_end: int, report: SkipReport,
+                   relevance: str | None) -> None:
+    """Record the finished shards, the images skipped so far and the logit-sampling relevance method after
+    flushing ``images.txt``."""
     ids_fd.flush()
     write_progress(w.directory, {"key": key, "shards": w.shards, "images_end": images_end,
-                                 "skipped": [list(s) for s in report.skipped]})
+                                 "skipped": [list(s) for s in report.skipped], "relevance": relevance})
 
 
 def dataset_hash(reader: ShardReader) -> str:

@@ -17,30 +17,21 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from ..errors import SaeCafeError
+from ..saes import encode_images
+from ..srd import srd_ierf_from_relevance
 
 IerfFn = Callable[[object, torch.Tensor, str, torch.Tensor], torch.Tensor]
 
 
 def default_ierf_fn() -> IerfFn:
-    """``sae_cafe.srd.srd_ierf_from_relevance`` (imported lazily)."""
-    try:
-        from ..srd import srd_ierf_from_relevance
-    except ImportError as e:
-        raise SaeCafeError("CAFE anchoring needs SRD (sae_cafe.srd.srd_ierf_from_relevance), which is not "
-                           f"available in this build ({e}); install the full sae-cafe package") from e
+    """``sae_cafe.srd.srd_ierf_from_relevance``."""
     return srd_ierf_from_relevance
 
 
-@torch.no_grad()
 def encode_layer(adapter, sae, layer: str, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple]:
-    """PFVs (B, N, D) and SAE latent activations (B, N, S) of ``x`` at ``layer``, and the grid (h, w)."""
-    act = adapter.capture(x, [layer], stop_early=True)[layer]
-    batch = adapter.to_pfv(act)
-    pfv = batch.pfv
-    B, N, D = pfv.shape
-    dev = next(sae.parameters()).device
-    lat = sae.encode(pfv.reshape(B * N, D).to(dev, sae.W_enc.dtype)).float().reshape(B, N, -1)
-    return pfv.float(), lat.to(pfv.device), batch.grid
+    """Alias of :func:`sae_cafe.saes.encode_images` with this module's former argument order
+    (``adapter, sae``): PFVs (B, N, D), SAE latents (B, N, S) of ``x`` at ``layer`` and the grid (h, w)."""
+    return encode_images(sae, adapter, layer, x)
 
 
 def upsample_map(maps_NHW: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
@@ -130,7 +121,7 @@ def anchor_exemplars(adapter, sae, layer: str, source, ex_latent: torch.Tensor, 
         for b in range(0, len(chunk), batch_images):
             imgs = chunk[b:b + batch_images]
             x = source.batch(imgs, adapter)
-            pfv, lat, grid = encode_layer(adapter, sae, layer, x)
+            pfv, lat, grid = encode_images(sae, adapter, layer, x)
             S = max(len(by_image[i]) for i in imgs)
             rel = torch.zeros(len(imgs), S, *grid)
             for j, i in enumerate(imgs):

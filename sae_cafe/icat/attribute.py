@@ -26,6 +26,7 @@ import torch
 from ..errors import MismatchError, SaeCafeError
 from ..models import PFVBatch, get_adapter
 from ..models.base import ModelAdapter
+from ..saes import check_sae, encode_pfv
 
 Method = Literal["ig", "grad", "grad_x_input", "ablation", "random"]
 METHODS: tuple[str, ...] = ("ig", "grad", "grad_x_input", "ablation", "random")
@@ -34,35 +35,13 @@ LOGITS = "logits"
 
 # ----- SAE helpers ------------------------------------------------------------------------------------------
 def sae_encode_with_pre(sae, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Any ``sae_lens.SAE``: (post, pre) encoder outputs for inputs (..., D) → (..., S) each.
-
-    The pre-activation is read from the SAE's own ``hook_sae_acts_pre`` hook point, so it is exact for every
-    architecture that defines it (standard, top-k, batch-top-k, JumpReLU, gated).
-    """
-    got: dict[str, torch.Tensor] = {}
-
-    def grab(_m, _i, out):
-        got["pre"] = out
-
-    handle = sae.hook_sae_acts_pre.register_forward_hook(grab)
-    try:
-        post = sae.encode(v)
-    finally:
-        handle.remove()
-    if post.is_sparse:
-        post = post.to_dense()
-    pre = got.get("pre", post)
-    return post, pre
+    """Any ``sae_lens.SAE``: (post, pre) encoder outputs for inputs (..., D) → (..., S) each
+    (:func:`sae_cafe.saes.encode_pfv` with ``return_pre``; an SAE without a readable pre-activation raises)."""
+    return encode_pfv(sae, v, return_pre=True)
 
 
 def sae_width(sae) -> int:
     return int(sae.cfg.d_sae)
-
-
-def _check_sae(sae, layer: str, width: int) -> None:
-    if int(sae.cfg.d_in) != width:
-        raise MismatchError(f"SAE for layer {layer!r} has d_in={sae.cfg.d_in} but the layer has {width} "
-                            "channels; pass the SAE trained on this layer")
 
 
 # ----- the fixed state of one layer pair on one batch of images -------------------------------------------
@@ -132,8 +111,8 @@ class PairContext:
     def read_targets(self, out: torch.Tensor, rows: torch.Tensor, targets_MJ: torch.Tensor) -> torch.Tensor:
         if self.target == LOGITS:
             return out.gather(1, targets_MJ)
-        post, pre = sae_encode_with_pre(self.sae_tgt, self.adapter.to_pfv(out).pfv)  # (M, N', S_t)
-        val = pre if self.target_fn == "pre" else post
+        pfv = self.adapter.to_pfv(out).pfv
+        val = sae_encode_with_pre(self.sae_tgt, pfv)[1] if self.target_fn == "pre" else encode_pfv(self.sae_tgt, pfv)
         if self.aggregate == "sum":
             return val.sum(1).gather(1, targets_MJ)
         n = self.n_star_BT[rows].gather(1, targets_MJ)  # (M, J)
@@ -176,21 +155,24 @@ def prepare_pair(model, saes: dict, x: torch.Tensor, source_layer: str | int, ta
     else:
         acts = adapter.capture(x, [src, tgt], stop_early=True)
     sb = adapter.to_pfv(acts[src])
-    _check_sae(sae_src, src, sb.pfv.shape[-1])
-    a, _ = sae_encode_with_pre(sae_src, sb.pfv)
+    check_sae(sae_src, adapter, src, check_model=False, source=f"the SAE for layer {src!r}")
+    a = encode_pfv(sae_src, sb.pfv)
     err = sb.pfv - sae_src.decode(a)
     n_star = None
     if tgt == LOGITS:
         t_full = logits
     else:
         tb = adapter.to_pfv(acts[tgt])
-        _check_sae(sae_tgt, tgt, tb.pfv.shape[-1])
-        post, pre = sae_encode_with_pre(sae_tgt, tb.pfv)  # (B, N', S_t)
-        # n*: argmax of the activation; where a latent never fires, argmax of its pre-activation
-        fired = post.amax(1) > 0
-        n_star = torch.where(fired, post.argmax(1), pre.argmax(1))
-        val = pre if target_fn == "pre" else post
-        t_full = val.sum(1) if aggregate == "sum" else val.gather(1, n_star[:, None, :])[:, 0]
+        check_sae(sae_tgt, adapter, tgt, check_model=False, source=f"the SAE for layer {tgt!r}")
+        if target_fn == "post" and aggregate == "sum":  # the only target that needs no pre-activation
+            t_full = encode_pfv(sae_tgt, tb.pfv).sum(1)
+        else:
+            post, pre = sae_encode_with_pre(sae_tgt, tb.pfv)  # (B, N', S_t)
+            # n*: argmax of the activation; where a latent never fires, argmax of its pre-activation
+            fired = post.amax(1) > 0
+            n_star = torch.where(fired, post.argmax(1), pre.argmax(1))
+            val = pre if target_fn == "pre" else post
+            t_full = val.sum(1) if aggregate == "sum" else val.gather(1, n_star[:, None, :])[:, 0]
     return PairContext(adapter, src, tgt, sae_src, sae_tgt, x, a, err, sb.extra, sb.positions, sb.grid,
                        t_full, n_star, target_fn, aggregate)
 
@@ -220,7 +202,7 @@ def latent_means(model, sae, x: torch.Tensor, layer: str | int, batch_size: int 
     for i in range(0, len(x), batch_size):
         pfv = adapter.to_pfv(adapter.capture(x[i:i + batch_size].to(adapter.device), [layer],
                                              stop_early=True)[layer]).pfv
-        a, _ = sae_encode_with_pre(sae, pfv)
+        a = encode_pfv(sae, pfv)
         s = a.sum((0, 1))
         total = s if total is None else total + s
         count += a.shape[0] * a.shape[1]
