@@ -4,9 +4,14 @@ weights at 224 px, and optionally the manipulation attack.
 
     .venv/bin/python benchmarks/bench_saliency.py                        # defaults of the issue (long)
     .venv/bin/python benchmarks/bench_saliency.py --n 40 --n-fidelity 10 --cost-n 1 --cost-methods cheap
+    .venv/bin/python benchmarks/bench_saliency.py --n 8 --n-fidelity 4 --methods saliency,gradcam,chefer2021 \
+        --skip-cost --root /tmp/sal --run tiny                                  # a tiny run of both sets
 
-Table runs go through ``sae-cafe benchmark-saliency`` (artifacts under ``indexes/<run>/saliency/<model>``,
-resumable per image). Mini models without shipped weights are reported and skipped.
+Table runs go through ``sae-cafe benchmark-saliency`` (artifacts under ``<root>/<run>/saliency/<model>``,
+resumable per image). One run per model computes every method's maps once (and the stability metric's noisy
+copies) and derives both metric definition sets from them (``--definitions both``, docs/metrics.md):
+``table_source.csv`` and ``table_paper.csv``; ``benchmarks/saliency_tables.py`` renders them. Mini models
+without shipped weights are reported and skipped.
 """
 
 from __future__ import annotations
@@ -32,7 +37,9 @@ def table_runs(args) -> None:
         cmd = ["benchmark-saliency", "--model", name, "--n", str(args.n), "--n-fidelity", str(args.n_fidelity),
                "--methods", args.methods, "--run", args.run, "--subsets", str(args.subsets),
                "--noise-samples", str(args.noise_samples), "--attack-pairs", str(args.attack_pairs),
-               "--attack-iters", str(args.attack_iters)]
+               "--attack-iters", str(args.attack_iters), "--definitions", args.definitions]
+        if args.root:
+            cmd += ["--root", args.root]
         if args.n_stability is not None:
             cmd += ["--n-stability", str(args.n_stability)]
         for flag, items in (("--max-images", args.max_images), ("--max-stability", args.max_stability)):
@@ -131,6 +138,9 @@ def main() -> None:
     p.add_argument("--noise-samples", type=int, default=20)
     p.add_argument("--methods", default="all")
     p.add_argument("--run", default="bench_saliency")
+    p.add_argument("--root", default=None, help="artifact root (default indexes/ or $SAE_CAFE_ROOT)")
+    p.add_argument("--definitions", choices=("both", "source", "paper"), default="both",
+                   help="metric definition sets, derived from one set of maps (default both)")
     p.add_argument("--attack-pairs", type=int, default=0, help="issue: 20")
     p.add_argument("--attack-iters", type=int, default=500)
     p.add_argument("--cost-models", nargs="*", default=["resnet50", "vgg16", "vit_b_16"])

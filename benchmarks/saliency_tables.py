@@ -1,4 +1,6 @@
-"""Render `sae-cafe benchmark-saliency` results (``table.csv`` of each model) as the README's markdown tables.
+"""Render `sae-cafe benchmark-saliency` results as the README's markdown tables, one per model and metric
+definition set (``table_source.csv`` and ``table_paper.csv``, docs/metrics.md; a stage written before the
+definition sets has only ``table.csv``, rendered as "definitions not recorded").
 
     .venv/bin/python benchmarks/saliency_tables.py indexes/bench_saliency500/saliency mini_resnet mini_vgg mini_vit
 
@@ -18,7 +20,9 @@ NAMES = {"srd": "SRD (contrastive)", "srd_none": "SRD (no contrast)", "saliency"
          "smoothgrad": "SmoothGrad", "guided_backprop": "Guided Backprop", "deeplift": "DeepLift",
          "gradcam": "Grad-CAM", "gradcam_pp": "Grad-CAM++", "xgradcam": "XGrad-CAM", "layercam": "Layer-CAM",
          "scorecam": "Score-CAM", "ablationcam": "Ablation-CAM", "fullgrad": "FullGrad",
-         "lrp_epsilon_plus": "LRP ε+ (zennit)", "rise": "RISE"}
+         "lrp_epsilon_plus": "LRP ε+ (zennit)", "rise": "RISE", "attention_rollout": "Attention rollout",
+         "chefer2021": "Chefer et al. 2021", "attnlrp": "AttnLRP (lxt)"}
+DEFINITIONS = ("source", "paper")
 # (column, header, higher is better, decimals)
 METRICS = [("pointing", "Poi ↑", True, 2), ("localisation", "Att ↑", True, 3), ("sparseness", "Spa ↑", True, 3),
            ("fidelity", "Fid ↑", True, 3), ("stability", "Sta ↓", False, 3), ("insertion", "Ins ↑", True, 3),
@@ -31,6 +35,20 @@ def _float(v: str) -> float | None:
     except ValueError:
         return None
     return None if f != f else f
+
+
+def tables(stage: Path) -> list[tuple[str, Path]]:
+    """[(label, table csv)] of a model's stage: each definition set it holds, else its table.csv."""
+    found = [(f"{d} definitions", stage / f"table_{d}.csv") for d in DEFINITIONS
+             if (stage / f"table_{d}.csv").is_file()]
+    if found:
+        return found
+    table = stage / "table.csv"
+    if not table.is_file():
+        sys.exit(f"{table} not found: run `sae-cafe benchmark-saliency --model {stage.name} --run <run>` first, "
+                 "or pass the saliency folder of that run")
+    recorded = {r.get("definitions") for r in csv.DictReader(table.open())} - {None, ""}
+    return [(f"{recorded.pop()} definitions" if len(recorded) == 1 else "definitions not recorded", table)]
 
 
 def render(table_csv: Path) -> str:
@@ -98,11 +116,8 @@ def main() -> None:
         sys.exit("usage: saliency_tables.py SALIENCY_DIR MODEL [MODEL ...]  (e.g. indexes/<run>/saliency mini_resnet)")
     root = Path(sys.argv[1])
     for model in sys.argv[2:]:
-        table = root / model / "table.csv"
-        if not table.is_file():
-            sys.exit(f"{table} not found: run `sae-cafe benchmark-saliency --model {model} --run <run>` first, "
-                     f"or pass the saliency folder of that run")
-        print(f"\n{model}:\n\n{render(table)}")
+        for label, table in tables(root / model):
+            print(f"\n{model}, {label}:\n\n{render(table)}")
     attacks = {m: list(csv.DictReader((root / m / "attack.csv").open())) for m in sys.argv[2:]
                if (root / m / "attack.csv").is_file()}
     if attacks:

@@ -7,7 +7,6 @@ import warnings
 import pytest
 import torch
 from test_baselines import _same_state, _state, tiny_resnet, tiny_seq
-from torch import nn
 
 from sae_cafe.evaluation import attack as A
 from sae_cafe.evaluation import baselines as B
@@ -81,7 +80,21 @@ def test_similarity_scores_known_answers():
     s = A.similarity_scores(h, h)
     assert s["ssim"] == pytest.approx([1, 1]) and s["pearson"] == pytest.approx([1, 1])
     assert s["mse"] == pytest.approx([0, 0])
-    assert isinstance(nn.ReLU(), nn.Module)
+    # maps are compared as |h| / max|h|: sign and scale do not matter
+    s = A.similarity_scores(h, -3 * h)
+    assert s["ssim"] == pytest.approx([1, 1]) and s["pearson"] == pytest.approx([1, 1])
+    assert s["mse"] == pytest.approx([0, 0])
+    # two one-hot maps at different pixels of an 8×8 map: |a − b|² is 1 at two pixels
+    a, b = torch.zeros(1, 8, 8), torch.zeros(1, 8, 8)
+    a[0, 1, 1], b[0, 6, 6] = 1.0, 5.0
+    s = A.similarity_scores(a, b)
+    assert s["mse"] == pytest.approx([2 / 64])
+    assert s["pearson"] == pytest.approx([-1 / 63])  # two disjoint one-hots of n = 64: −1/(n−1)
+    assert s["ssim"][0] < 0.5
+    # a map against its complement (1 − a on a ramp): perfectly anti-correlated
+    ramp = torch.linspace(0.1, 1, 64).view(1, 8, 8)
+    s = A.similarity_scores(ramp, 1.1 - ramp)
+    assert s["pearson"] == pytest.approx([-1.0], abs=1e-6)
 
 
 def test_attack_benchmark_resumes_finished_methods(tmp_path, monkeypatch):

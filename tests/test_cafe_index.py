@@ -20,11 +20,12 @@ def test_ivf_and_hnsw_recall_at_10_on_1e5_vectors(tmp_path):
     x = centres[rng.integers(0, 300, 100_000)] + 0.6 * rng.standard_normal((100_000, 16)).astype(np.float32)
     q = centres[rng.integers(0, 300, 300)] + 0.6 * rng.standard_normal((300, 16)).astype(np.float32)
     _, exact = make_index(x, "Flat").search(q, 10)
-    for spec in ("IVF256,Flat", "HNSW16"):
+    # the README's figures: recall@10 ≥ 0.999 (IVF, measured 0.999) and ≥ 0.998 (HNSW, measured 0.9987)
+    for spec, floor in (("IVF256,Flat", 0.999), ("HNSW16", 0.998)):
         idx = make_index(x, spec)
         _, got = idx.search(q, 10)
         r = recall_at_k(exact, got)
-        assert r >= 0.95, (spec, idx.spec, idx.params, r)
+        assert r >= floor, (spec, idx.spec, idx.params, r)
         idx.write(tmp_path / "i.faiss")
         back = read_index(tmp_path / "i.faiss", idx.spec, idx.params)
         assert np.array_equal(back.search(q, 10)[1], got)
@@ -75,7 +76,6 @@ def test_world_attribute_latent_comes_back_top1_through_cafe(tmp_path):
     """Concept world, mini ViT block 1: an SAE latent whose decoder direction is the mean (centred) PFV of
     one colour's regions is the top-1 latent of CAFE's decoder index for ≥ 90 % of held-out regions of that
     colour, and for clearly fewer regions of other colours."""
-    pytest.importorskip("sae_cafe.srd", reason="CAFE anchoring needs SRD (sae_cafe.srd)")
     from sae_lens import StandardSAE, StandardSAEConfig
 
     from sae_cafe.cafe import build_cafe

@@ -29,6 +29,7 @@ from torch import nn
 from ..errors import SaeCafeError
 from ..models import get_adapter
 from ..models.base import ModelAdapter
+from . import vit_baselines as VB
 
 SaliencyFn = Callable[[ModelAdapter, torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -405,3 +406,20 @@ def _srd_check(a: ModelAdapter) -> str | None:
 
 register_baseline("srd", "sae_cafe", check=_srd_check)(_srd("mean"))
 register_baseline("srd_none", "sae_cafe", check=_srd_check)(_srd("none"))
+
+
+# ------------------------------------------------------------------ vision transformers ---------------------
+register_baseline("attention_rollout", "sae_cafe", check=VB.vit_check,
+                  description="Attention rollout (Abnar & Zuidema 2020) of the pooled token, upsampled.")(
+    VB.attention_rollout)
+register_baseline("chefer2021", "sae_cafe", check=VB.vit_check,
+                  description="Chefer et al. 2021 gradient-weighted attention relevance, upsampled.")(VB.chefer2021)
+
+ATTNLRP_NA = ("lxt not used: its torchvision-ViT AttnLRP patches torch.nn LayerNorm/GELU/MultiheadAttention and "
+              "zennit's BasicHook process-wide (docs/metrics.md)")
+
+
+@register_baseline("attnlrp", "lxt", check=lambda a: ATTNLRP_NA)
+def attnlrp(a: ModelAdapter, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """AttnLRP (Achtibat et al. 2024): not available, see ``ATTNLRP_NA``."""
+    raise NotApplicable("attnlrp", ATTNLRP_NA)

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import numpy as np
+
+# library helpers live in runs.py; re-exported here for existing imports
+from .runs import WORLD_POOL, load_folder_data, load_world_data, mask_through_preprocess  # noqa: F401
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
@@ -42,60 +44,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--attack-pairs", type=int, default=0,
                    help="also run the manipulation attack on this many image pairs (default 0: skip)")
     p.add_argument("--attack-iters", type=int, default=500, help="attack iterations (default 500)")
+    p.add_argument("--definitions", choices=("both", "source", "paper"), default="both",
+                   help="metric definition set(s) (docs/metrics.md); 'both' derives both from one set of maps "
+                        "(table.csv = source; table_source.csv and table_paper.csv) (default both)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_benchmark)
-
-
-def mask_through_preprocess(adapter, mask: np.ndarray) -> np.ndarray:
-    """Send a (h, w) bool mask through the adapter's resize/crop so it lines up with the input pixels."""
-    img = np.repeat((mask.astype(np.uint8) * 255)[..., None], 3, axis=2)
-    t = adapter.denormalize(adapter.preprocess_one(img)[None])[0, 0]
-    return (t > 0.5).cpu().numpy()
-
-
-#: scenes generated when the run has no exported world: a fixed pool, so that image ``000042`` is the same
-#: scene whatever ``--n`` is and a run extended to more images resumes the images it already scored.
-WORLD_POOL = 500
-
-
-def load_world_data(run: str, n: int, seed: int, root=None):
-    """(images uint8 (N,h,w,3), masks (N,h,w) bool, labels (N,), ids, upstream) of the concept world: the
-    run's exported world, else the first ``n`` of ``max(n, WORLD_POOL)`` scenes generated with ``seed``."""
-    from ..artifacts import is_finished, stage_path
-    from ..world import WorldDataset, generate, load_world
-
-    wdir = stage_path(run, "world", root=root)
-    if is_finished(wdir):
-        ds, upstream = load_world(wdir), {"world": wdir}
-        if len(ds) < n:
-            print(f"note: {wdir} has {len(ds)} images; using all of them")
-    else:
-        pool = max(n, WORLD_POOL)
-        print(f"note: no exported world at {wdir}; using the first {n} of {pool} scenes generated in memory "
-              f"(seed {seed})")
-        ds, upstream = WorldDataset(generate(pool, seed)), {}
-    w = ds.world
-    k = min(n, len(ds))
-    return w.images[:k], w.instance[:k] == 1, w.labels[:k], [ds.image_id(i) for i in range(k)], upstream
-
-
-def load_folder_data(folder: str, n: int, class_names=None):
-    from ..images import iter_image_files, load_image
-
-    files = [(p, c) for p, c in iter_image_files(folder) if p.parent.name != "masks"
-             and not p.stem.endswith("_mask")][:n]
-    images, masks, labels = [], [], []
-    for p, c in files:
-        images.append(np.asarray(load_image(p)))
-        cands = [Path(folder) / "masks" / f"{p.stem}.png", p.with_name(f"{p.stem}_mask.png")]
-        m = next((q for q in cands if q.exists()), None)
-        masks.append(None if m is None else np.asarray(load_image(m))[..., 0] > 127)
-        labels.append(class_names.index(c) if class_names and c in class_names else -1)
-    if any(m is None for m in masks):
-        print(f"note: {sum(m is None for m in masks)} of {len(files)} images have no mask; "
-              "pointing game and localisation are skipped")
-        masks = None
-    return images, masks, np.array(labels), [p.stem for p, _ in files], {}
 
 
 def _benchmark(args) -> int:
@@ -104,7 +57,7 @@ def _benchmark(args) -> int:
     from ..artifacts import publish_stage, stage_path
     from ..errors import SaeCafeError
     from ..models import load_model
-    from .benchmark import BenchmarkConfig, run_saliency_benchmark, write_saliency_benchmark
+    from .benchmark import BenchmarkConfig, run_saliency_definitions, write_saliency_benchmark
     from .metrics import METRICS
 
     if args.threads:
@@ -140,7 +93,8 @@ def _benchmark(args) -> int:
                           max_images=caps(args.max_images, "--max-images"),
                           max_stability=caps(args.max_stability, "--max-stability"), n_subsets=args.subsets,
                           n_noise=args.noise_samples, seed=args.seed,
-                          batch_size=args.batch_size)
+                          batch_size=args.batch_size,
+                          definitions="paper" if args.definitions == "paper" else "source")
     final = stage_path(args.run, "saliency", adapter.name, root=args.root)
     tmp = final.with_name(f".{final.name}.tmp")  # kept across interruptions: per-image results resume
     if not tmp.exists() and final.is_dir():
@@ -153,8 +107,10 @@ def _benchmark(args) -> int:
                 shutil.copytree(final / part, tmp / f"{part}.partial")
                 (tmp / f"{part}.partial").rename(tmp / part)
     tmp.mkdir(parents=True, exist_ok=True)
-    res = run_saliency_benchmark(adapter, x, masks, targets, args.methods, cfg, state_dir=tmp / "per_image",
-                                 image_ids=ids, progress=not args.no_progress)
+    sets = ("source", "paper") if args.definitions == "both" else (args.definitions,)
+    res, *others = run_saliency_definitions(adapter, x, masks, targets, args.methods, cfg, sets,
+                                            state_dir=tmp / "per_image", image_ids=ids,
+                                            progress=not args.no_progress).values()
     if args.attack_pairs:
         from ..artifacts import atomic_write_json
         from .attack import AttackConfig, plot_attack, run_attack_benchmark
@@ -175,8 +131,9 @@ def _benchmark(args) -> int:
                                         "weights_hash": adapter.weights_hash, "data": args.data,
                                         "n": len(ids), "target": args.target,
                                         "attack_pairs": args.attack_pairs, "attack_iters": args.attack_iters},
-                             upstream)
+                             upstream, others=others)
     publish_stage(tmp, final)
-    print(res.format_table())
+    for r in (res, *others):
+        print(f"{r.config.definitions} definitions:\n{r.format_table()}")
     print(f"wrote {final}")
     return 0

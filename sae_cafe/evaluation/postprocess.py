@@ -1,23 +1,26 @@
 """The one post-processing of saliency maps per metric, applied identically to every method.
 
 Maps from every method arrive as ``maps_NHW`` (signed, at input resolution). Each metric then sees them
-through exactly one of the transforms below (``METRIC_POSTPROCESS``), so no method gets a friendlier
-normalisation than another (method_spec §5.2, gap G13 proposal):
+through exactly one of the transforms below, so no method gets a friendlier normalisation than another.
+Which transform a metric uses depends on the definition set (:mod:`.definitions`):
 
-* ``"signed"``   – the raw signed map, divided by its max |value| (a positive rescaling: it changes
-  nothing for rank-based metrics — pointing game, μ-fidelity (Spearman), insertion/deletion — and keeps
-  values comparable across methods).
-* ``"positive"`` – positive part, divided by its maximum (min–max of the positive part, since its min is 0);
-  an all-non-positive map becomes all zeros. Used for localisation, sparseness and stability.
+* ``"raw"``       – the map as the method returned it.
+* ``"signed"``    – the raw signed map divided by its max |value| (Quantus ``normalise_by_max``; a positive
+  rescaling: it changes nothing for rank-based metrics and keeps values comparable across methods).
+* ``"abs"``       – |map| divided by its max (Quantus ``abs=True, normalise=True``).
+* ``"positive"``  – positive part divided by its maximum (min–max of the positive part, since its min is 0);
+  an all-non-positive map becomes all zeros (paper protocol, method_spec §5.2, gap G13 proposal).
+* ``"signed_positive"`` – positive part of the ``"signed"`` map, i.e. a⁺ / max|a| (Quantus
+  ``normalise=True, positive_attributions=True``).
 """
 
 from __future__ import annotations
 
 import torch
 
-POSTPROCESS_NAMES = ("signed", "positive")
+POSTPROCESS_NAMES = ("raw", "signed", "abs", "positive", "signed_positive")
 
-#: metric name → post-processing applied to every method's maps before that metric.
+#: metric name → post-processing of the paper protocol (method_spec §5.2), kept under its old name.
 METRIC_POSTPROCESS: dict[str, str] = {
     "pointing": "signed",
     "localisation": "positive",
@@ -27,6 +30,20 @@ METRIC_POSTPROCESS: dict[str, str] = {
     "insertion": "signed",
     "deletion": "signed",
 }
+
+#: metric name → post-processing of the source definitions (each metric as its paper / Quantus defines it).
+SOURCE_POSTPROCESS: dict[str, str] = {
+    "pointing": "raw",
+    "localisation": "signed_positive",
+    "sparseness": "abs",
+    "fidelity": "signed",
+    "stability": "raw",
+    "insertion": "raw",
+    "deletion": "raw",
+}
+
+#: definition set → {metric → post-processing}
+POSTPROCESS_BY_DEFINITIONS: dict[str, dict[str, str]] = {"source": SOURCE_POSTPROCESS, "paper": METRIC_POSTPROCESS}
 
 
 def _per_map_max(maps_NHW: torch.Tensor) -> torch.Tensor:
@@ -47,14 +64,22 @@ def positive_minmax(maps_NHW: torch.Tensor) -> torch.Tensor:
 
 
 def postprocess(maps_NHW: torch.Tensor, how: str) -> torch.Tensor:
-    """Apply the named post-processing (``"signed"`` or ``"positive"``) to (N,H,W) maps."""
+    """Apply the named post-processing (one of :data:`POSTPROCESS_NAMES`) to (N,H,W) maps."""
+    if how == "raw":
+        return maps_NHW
     if how == "signed":
         return signed_maxabs(maps_NHW)
+    if how == "abs":
+        return signed_maxabs(maps_NHW.abs())
     if how == "positive":
         return positive_minmax(maps_NHW)
+    if how == "signed_positive":
+        return signed_maxabs(maps_NHW).clamp(min=0)
     raise ValueError(f"unknown post-processing {how!r}; expected one of {POSTPROCESS_NAMES}")
 
 
-def for_metric(maps_NHW: torch.Tensor, metric: str) -> torch.Tensor:
-    """The post-processing that ``metric`` uses (see :data:`METRIC_POSTPROCESS`)."""
-    return postprocess(maps_NHW.float(), METRIC_POSTPROCESS[metric])
+def for_metric(maps_NHW: torch.Tensor, metric: str, definitions: str = "source") -> torch.Tensor:
+    """The post-processing that ``metric`` uses under the definition set ``definitions``."""
+    if definitions not in POSTPROCESS_BY_DEFINITIONS:
+        raise ValueError(f"unknown definition set {definitions!r}; expected one of {tuple(POSTPROCESS_BY_DEFINITIONS)}")
+    return postprocess(maps_NHW.float(), POSTPROCESS_BY_DEFINITIONS[definitions][metric])
