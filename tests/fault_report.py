@@ -8,6 +8,7 @@ whichever of them runs last (a part that has not run yet in this checkout is mar
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -24,10 +25,16 @@ def _read(name: str) -> dict | None:
         return None
 
 
+def _write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 def record(name: str, data: dict) -> None:
     """Store one module's results beside the report and re-render it."""
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    (REPORT_DIR / name).write_text(json.dumps(data, indent=1) + "\n")
+    _write(REPORT_DIR / name, json.dumps(data, indent=1) + "\n")
     write_report()
 
 
@@ -41,29 +48,59 @@ def interruption_summary(intr: dict) -> str:
                      for n, s in stages.items())
 
 
+def _hang_lines(intr: dict) -> list[str]:
+    hung = [(n, h) for n, s in intr["stages"].items() for h in s.get("hung", [])]
+    injected = sum(1 for _, h in hung if h.get("injected"))
+    lines = ["", f"Hangs: {injected} injected (the self-test of the deadline: the first attempt of one kill trial "
+             f"deadlocks on purpose), {len(hung) - injected} other. Every wait has a deadline; a run past it has "
+             "its thread states and stacks recorded, its process group killed, and is retried once in a fresh "
+             "directory."]
+    if hung:
+        lines += ["", "| stage | run | attempt | deadline (s) | threads (state, kernel wait) "
+                  "| Python stack (innermost) |", "|---|---|---|---|---|---|"]
+        for n, h in hung:
+            threads = ", ".join(f"{t['comm']} {t['state']} {t['wchan']}" for t in h.get("threads", []))
+            stack = [x.strip() for x in h.get("python_stack", "").splitlines() if x.strip().startswith("File")]
+            lines.append(f"| {n} | {h['what']}{' (injected)' if h.get('injected') else ''} | {h['attempt']} | "
+                         f"{h.get('deadline_s')} | {threads} | {(stack[0] if stack else '-').replace('|', '/')} |")
+    hazards = sorted({x for s in intr["stages"].values() for x in s.get("fork_hazards", [])})
+    lines += ["", "Locks or threads at fork time (each would let a killed child block the next): "
+              + ("; ".join(hazards) if hazards else "none found") + "."]
+    return lines
+
+
 def _interruption_lines(intr: dict) -> list[str]:
-    lines = ["## Interruption: SIGKILL at random points, then resume", "",
-             f"**{interruption_summary(intr)}** (all kills, resumes and comparisons of "
-             f"`tests/test_interrupt.py`, seed {intr['seed']}, measured {intr.get('measured_at', '?')}, "
-             f"{intr.get('wall_s', intr['total_s'])} s for the whole module).", "",
-             "Each kill: the stage runs in a fresh forked process in its own directory and is SIGKILLed after a "
-             "seeded random delay (the i-th of 20 equal slices of the duration T of an uninterrupted run); a "
-             "new process then resumes it from what is on disk and the finished stage directories are hashed "
-             "(every file, hidden ones included; JSON without `created_at`, timings and the run's own path; "
-             "and the names beside each stage directory, so no `.tmp`/`.old` may be left) and compared with "
-             "the uninterrupted run. Extra kills at the renames that publish files: the temporary file cut to "
-             "half and the process killed before the rename (a kill mid-write), or killed right after it.", "",
-             "| stage | kills | identical resumes | T (s) | phases hit (kills) | kills at renames: identical "
-             "| kills (timed or at renames) that left a partial temp file |",
-             "|---|---|---|---|---|---|---|"]
+    head = (f"**{interruption_summary(intr)}** (all kills, resumes and comparisons of `tests/test_interrupt.py`, "
+            f"seed {intr['seed']}, measured {intr.get('measured_at', '?')}, "
+            f"{intr.get('wall_s', intr.get('total_s', '?'))} s for the whole module).")
+    if not intr.get("complete"):
+        head += (f" **Incomplete**: the driver stopped (exit {intr.get('driver_exit', '?')}) before the end; the "
+                 "table shows what it had finished.")
+    lines = ["## Interruption: SIGKILL at random points, then resume", "", head, "",
+             "Each kill: the stage runs in a fresh forked process in its own directory and SIGKILLs itself at its "
+             "k-th file-system operation (open, rename, mkdir, remove, directory scan; CPython audit events), k "
+             "drawn (seeded) from the i-th of 20 equal slices of the N operations of an uninterrupted run, so the "
+             "kills do not depend on the machine's speed; at a rename of a temporary file, with a seeded coin, "
+             "the file is first cut to a seeded fraction (a kill mid-write). A new process then resumes it from "
+             "what is on disk and the finished stage directories are hashed (every file, hidden ones included; "
+             "JSON without `created_at`, timings and the run's own path; and the names beside each stage "
+             "directory, so no `.tmp`/`.old` may be left) and compared with the uninterrupted run. Extra kills "
+             "at the renames that publish files: the temporary file cut to half and the process killed before "
+             "the rename, or killed right after it.", "",
+             "| stage | kills | identical resumes | T (s) | kill points N | phases hit (kills) | kills at renames: "
+             "identical | kills (at events or renames) that left a partial temp file | hung runs (retried) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for name, s in intr["stages"].items():
         phases = "; ".join(f"{p} ({n})" for p, n in s.get("phases", {}).items())
         lines.append(f"| {STAGE_NAMES.get(name, name)} | {s.get('kills', 0)} | {s.get('identical', 0)} | "
-                     f"{s.get('reference_s', '?')} | {phases} | {s.get('marker_identical', 0)}/"
-                     f"{s.get('marker_kills', 0)} | {s.get('kills_leaving_partial_files', 0)} |")
+                     f"{s.get('reference_s', '?')} | {s.get('events', '?')} | {phases} | "
+                     f"{s.get('marker_identical', 0)}/{s.get('marker_kills', 0)} | "
+                     f"{s.get('kills_leaving_partial_files', 0)} | {len(s.get('hung', []))} "
+                     f"({len(s.get('retried', []))}) |")
     setup = intr.get("setup", {})
     if setup:
         lines += ["", "Setup: " + "; ".join(f"{k}: {v}" for k, v in setup.items()) + "."]
+    lines += _hang_lines(intr)
     errors = [e for s in intr["stages"].values() for e in s.get("errors", [])]
     if errors:
         lines += ["", "Errors:", "", *[f"    {e.splitlines()[0]}" for e in errors]]
@@ -92,5 +129,5 @@ def write_report() -> Path:
         lines += ["## Interruption", "", "Not run yet in this checkout (`pytest tests/test_interrupt.py`)."]
     out = REPORT_DIR / "report.md"
     REPORT_DIR.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
+    _write(out, "\n".join(lines) + "\n")
     return out

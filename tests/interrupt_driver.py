@@ -2,60 +2,67 @@
 
 The driver imports torch, sae-lens and sae-cafe once and then acts as a fork server: every run of a stage
 (the uninterrupted reference, its rerun, each killed run and each resume) is a fresh ``os.fork()`` child, so
-a run costs no interpreter start or import. A killed child is SIGKILLed by the driver; it leaves only what it
-wrote to disk, and the resuming child (another fork of the driver, which never ran the stage itself) sees
-nothing but that on-disk state.
+a run costs no interpreter start or import. A killed child leaves only what it wrote to disk, and the
+resuming child (another fork of the driver, which never ran the stage itself) sees nothing but that state.
+``tests/fork_server.py`` makes the forks safe (no lock held at fork time, no extra thread; what could still
+deadlock a child is recorded as ``fork_hazards``), places the kills and puts a deadline on every wait.
 
 Per stage (activation extraction → SAE training → CAFE build on the concept world with the shipped mini
 ResNet; each stage consumes the reference output of the one before):
 
-1. ``reference``: one uninterrupted run; its wall time T and the hash of its stage directories.
-2. ``rerun``: a second uninterrupted run in another directory (determinism: hash-equal?).
-3. ``kills`` timed trials, each in a fresh directory: start the stage, SIGKILL it after ``f·T`` with
-   ``f`` drawn (seeded) from the i-th of ``kills`` equal strata of (0, 1), so the kills spread over every phase;
-   then resume it in a new child to completion and compare its hash with the reference. A run that finished
-   before its kill is not counted: the trial is retried with half the delay.
-4. ``marker`` trials: the child kills itself (SIGKILL) at chosen ``os.replace`` calls, the renames that
-   publish every file, checkpoint and stage: with the temporary file cut to half its size just before the
-   rename (a kill mid-write), or just after the rename (between rename steps); then resume and compare.
+1. ``reference``: one uninterrupted run; the number N of its file-system operations under the work
+   directory (CPython audit events: opens, renames, mkdirs, removes, directory scans), its ``os.replace``
+   calls, its wall time and the hash of its stage directories.
+2. ``rerun``: a second uninterrupted run in another directory (determinism: hash-equal? same N?).
+3. ``kills`` trials, each in a fresh directory: the child SIGKILLs itself at its k-th file-system operation,
+   k drawn (seeded) from the i-th of ``kills`` equal strata of 1..N, so the kills spread over every phase
+   whatever the machine's speed; at a rename of a temporary file, with a seeded coin, the file is first cut
+   to a seeded fraction (a kill mid-write). Then a new child resumes it to completion and its hash is
+   compared with the reference.
+4. ``marker`` trials: the child kills itself at chosen ``os.replace`` calls, the renames that publish every
+   file, checkpoint and stage: with the temporary file cut to half its size just before the rename (a kill
+   mid-write), or just after the rename (between rename steps); then resume and compare.
+
+Every wait has a deadline (``--deadline`` for the reference runs, then ``max(--min-deadline, 40·T)``); a run
+past it is recorded in ``hung`` (thread states, wait channels, Python and native stacks), its process group
+is killed, and the whole run or trial is retried once in a fresh directory (a second hang is an error). The
+results file is rewritten after every trial, so a driver stopped from outside leaves what it measured.
+``--inject-hang I`` makes the first attempt of kill trial I (first stage) deadlock on purpose, so that the
+deadline, the hang report and the retry are exercised by every test run.
 
 The hash covers every file of the stage directories, hidden ones included (bytes; JSON parsed, with
 run-dependent fields such as ``created_at``, timings and the trial's own path removed) and the names of the
 entries beside each stage directory (so a leftover ``.<name>.tmp``/``.old`` fails the comparison).
 
-Usage: ``python tests/interrupt_driver.py OUT.json WORKDIR [--kills 20] [--markers 4] [--seed 0]``.
+Usage: ``python tests/interrupt_driver.py OUT.json WORKDIR [--kills 20] [--markers 4] [--seed 0]
+[--inject-hang I]``.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
-import gc
 import hashlib
 import json
 import os
 import random
 import shutil
-import signal
 import sys
 import time
-import traceback
 from pathlib import Path
 
-os.environ.setdefault("OMP_NUM_THREADS", "1")
+import fork_server as fs
+
+fs.prepare_process()  # before torch, tqdm or sae-lens start threads or create locks
 
 import torch  # noqa: E402
 
 torch.set_num_threads(1)
 
-import tqdm  # noqa: E402
-
-# no tqdm monitor thread in the fork server: a thread holding a lock at fork() can deadlock the child
-tqdm.tqdm.monitor_interval = 0
-
 # run-dependent JSON fields (wall-clock times, which checkpoint a run resumed from) are not artifact content
 VOLATILE = {"created_at", "timings", "train_seconds", "samples_per_second", "resumed_from_step"}
 N_WORLD, N_CAFE, SAE_STEPS = 24, 4, 32
+INJECTED_DEADLINE = 5.0  # seconds; the injected child reaches its deadlock long before
 
 
 # ----- hashing ------------------------------------------------------------------------------------------------
@@ -216,79 +223,17 @@ class Pipeline:
         return "mining the first batch"
 
 
-# ----- fork server ----------------------------------------------------------------------------------------------
-def spawn(pipe: Pipeline, stage: str, root: Path, log: Path, marker: tuple[int, str] | None = None,
-          count_file: Path | None = None) -> int:
-    """Fork a child that runs ``stage`` into ``root`` (optionally killing itself at an ``os.replace``)."""
-    sys.stdout.flush()
-    sys.stderr.flush()
-    gc.freeze()  # fewer copy-on-write page copies in the child
-    pid = os.fork()
-    if pid:
-        return pid
-    code = 1
-    try:
-        fd = os.open(str(log), os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
-        os.dup2(fd, 1)
-        os.dup2(fd, 2)
-        if marker is not None or count_file is not None:
-            _patch_replace(marker, count_file)
-        pipe.run(stage, root)
-        if count_file is not None:
-            count_file.write_text(str(_REPLACES[0]))
-        code = 0
-    except BaseException:  # noqa: BLE001 - report and exit the child whatever happened
-        traceback.print_exc()
-    finally:
-        os._exit(code)
+# ----- the protocol ---------------------------------------------------------------------------------------------
+class Results:
+    """The results file, rewritten (atomically) after every trial."""
 
+    def __init__(self, path: Path, data: dict):
+        self.path, self.data = path, data
 
-_REPLACES = [0]
-
-
-def _patch_replace(marker: tuple[int, str] | None, count_file: Path | None) -> None:
-    orig = os.replace
-
-    def replace(src, dst, *a, **kw):
-        _REPLACES[0] += 1
-        hit = marker is not None and _REPLACES[0] == marker[0]
-        if hit and marker[1] == "mid-write":
-            if os.path.isfile(src):
-                os.truncate(src, os.path.getsize(src) // 2)
-            os.kill(os.getpid(), signal.SIGKILL)
-        out = orig(src, dst, *a, **kw)
-        if hit:
-            os.kill(os.getpid(), signal.SIGKILL)
-        return out
-
-    os.replace = replace
-
-
-def wait(pid: int) -> tuple[str, float]:
-    t0 = time.perf_counter()
-    _, status = os.waitpid(pid, 0)
-    return _status(status), time.perf_counter() - t0
-
-
-def _status(status: int) -> str:
-    if os.WIFSIGNALED(status):
-        return "killed" if os.WTERMSIG(status) == signal.SIGKILL else f"signal {os.WTERMSIG(status)}"
-    return "ok" if os.WEXITSTATUS(status) == 0 else f"exit {os.WEXITSTATUS(status)}"
-
-
-def kill_after(pid: int, delay: float) -> tuple[str, float]:
-    """SIGKILL ``pid`` ``delay`` seconds after it was forked, unless it has finished by then.
-
-    Returns the outcome and the seconds until the kill (or until the run finished)."""
-    t0 = time.perf_counter()
-    while (left := t0 + delay - time.perf_counter()) > 0:
-        done, status = os.waitpid(pid, os.WNOHANG)
-        if done:
-            return _status(status), time.perf_counter() - t0
-        time.sleep(min(left, 0.004))
-    os.kill(pid, signal.SIGKILL)
-    _, status = os.waitpid(pid, 0)
-    return _status(status), time.perf_counter() - t0
+    def flush(self) -> None:
+        tmp = self.path.with_name(f".{self.path.name}.tmp")
+        tmp.write_text(json.dumps(self.data, indent=2) + "\n")
+        os.replace(tmp, self.path)
 
 
 def partial_files(stage_dirs: list[Path]) -> int:
@@ -306,100 +251,185 @@ def _tail(log: Path) -> str:
     return log.read_text(errors="replace")[-3000:] if log.exists() else ""
 
 
-def run_stage(pipe: Pipeline, stage: str, work: Path, kills: int, markers: int, rng: random.Random) -> dict:
-    base = work / stage
-    logs = work / "logs"
-    logs.mkdir(parents=True, exist_ok=True)
-    res: dict = {"stage": stage, "trials": [], "markers": [], "errors": []}
+class StageRun:
+    """One stage's protocol; ``res`` is its part of the results file."""
 
-    # 1. reference (also counts the os.replace calls, for the marker kills)
-    pipe.warm_up(stage)
-    ref = base / "reference"
-    t0 = time.perf_counter()
-    pid = spawn(pipe, stage, ref, logs / f"{stage}_reference.log", count_file=logs / f"{stage}_replaces")
-    status, _ = wait(pid)
-    T = time.perf_counter() - t0
-    if status != "ok":
-        res["errors"].append(f"reference run: {status}\n{_tail(logs / f'{stage}_reference.log')}")
-        return res
-    h_ref = tree_hash(pipe.dirs(stage, ref), ref)
-    n_replace = int((logs / f"{stage}_replaces").read_text())
-    pipe.after_reference(stage, ref)
+    def __init__(self, pipe: Pipeline, stage: str, work: Path, results: Results, deadline: float):
+        self.pipe, self.stage, self.work, self.results = pipe, stage, work, results
+        self.base, self.logs = work / stage, work / "logs"
+        self.logs.mkdir(parents=True, exist_ok=True)
+        self.base.mkdir(exist_ok=True)  # so that every run of the stage makes the same file-system operations
+        self.deadline = deadline
+        self.res: dict = {"stage": stage, "trials": [], "markers": [], "errors": [], "hung": [], "retried": [],
+                          "fork_hazards": []}
+        results.data["stages"][stage] = self.res
+        self.h_ref = ""
 
-    # 2. determinism: an uninterrupted rerun (T: the shorter of the two runs)
-    rerun = base / "rerun"
-    status, t_rerun = wait(spawn(pipe, stage, rerun, logs / f"{stage}_rerun.log"))
-    res["rerun_identical"] = status == "ok" and tree_hash(pipe.dirs(stage, rerun), rerun) == h_ref
-    shutil.rmtree(rerun, ignore_errors=True)
-    T = min(T, t_rerun)
-    res.update(reference_s=round(T, 3), renames=n_replace)
+    def hazards(self, found: list[str]) -> None:
+        self.res["fork_hazards"] += [h for h in found if h not in self.res["fork_hazards"]]
 
-    def resume_and_compare(root: Path, log: Path) -> tuple[bool, float, str]:
-        status, secs = wait(spawn(pipe, stage, root, log))
-        same = status == "ok" and tree_hash(pipe.dirs(stage, root), root) == h_ref
-        return same, secs, status
+    def fork(self, root: Path, log: Path, setup=None, after=None,
+             deadline: float | None = None) -> tuple[str, float, dict | None]:
+        """Run the stage into ``root`` in a forked child (``setup``/``after``: in the child, around the run)."""
+        self.hazards(fs.fork_hazards())
 
-    # 3. timed kills
-    for i in range(kills):
-        frac = (i + rng.random()) / kills
-        tries = 0
-        while True:
-            root = base / f"kill_{i:02d}_{tries}"
-            log = logs / f"{stage}_kill_{i:02d}_{tries}.log"
-            delay = frac * T
-            status, secs = kill_after(spawn(pipe, stage, root, log), delay)
-            if status == "killed":
-                break
-            shutil.rmtree(root, ignore_errors=True)
-            if status != "ok":
-                res["errors"].append(f"kill trial {i}: run failed before the kill: {status}\n{_tail(log)}")
-                break
-            tries += 1
-            T = min(T, secs)  # a run faster than the reference (load varies): time the kills on it
-            res["finished_before_kill"] = res.get("finished_before_kill", 0) + 1
-            if tries == 10:
-                res["errors"].append(f"kill trial {i}: ten runs finished before their kill")
-                break
-        if status != "killed":
-            continue
-        phase = pipe.phase(stage, root)
-        partial = partial_files(pipe.dirs(stage, root))
-        same, secs, rstatus = resume_and_compare(root, log)
-        if rstatus != "ok":
-            res["errors"].append(f"resume after kill {i}: {rstatus}\n{_tail(log)}")
-        res["trials"].append({"kill": i, "delay_s": round(delay, 4), "fraction": round(frac, 4),
-                              "phase": phase, "partial_files": partial, "resume_s": round(secs, 3),
-                              "identical": same})
-        if same:
-            shutil.rmtree(root, ignore_errors=True)
+        def body():
+            self.pipe.run(self.stage, root)
+            if after is not None:
+                after()
 
-    # 4. kills at rename points (mid-write of the temporary file, or right after the rename)
-    n = n_replace
-    points = [(1, "mid-write"), (max(1, n // 2), "after"), (max(1, n - 1), "mid-write"),
-              (max(1, n - 1), "after")][:markers]
-    for j, (k, mode) in enumerate(points):
-        root = base / f"marker_{j}"
-        log = logs / f"{stage}_marker_{j}.log"
-        status, _ = wait(spawn(pipe, stage, root, log, marker=(k, mode)))
-        if status != "killed":
-            res["errors"].append(f"marker kill {j} (rename {k}/{n}, {mode}): {status}\n{_tail(log)}")
-            continue
-        phase = pipe.phase(stage, root)
-        partial = partial_files(pipe.dirs(stage, root))
-        same, secs, rstatus = resume_and_compare(root, log)
-        if rstatus != "ok":
-            res["errors"].append(f"resume after marker kill {j}: {rstatus}\n{_tail(log)}")
-        res["markers"].append({"rename": k, "of": n, "mode": mode, "phase": phase, "partial_files": partial,
-                               "identical": same})
-        if same:
-            shutil.rmtree(root, ignore_errors=True)
+        return fs.wait(fs.fork_child(body, log, setup), deadline or self.deadline, log)
 
-    t = res["trials"]
-    res.update(kills=len(t), identical=sum(x["identical"] for x in t),
-               marker_kills=len(res["markers"]), marker_identical=sum(x["identical"] for x in res["markers"]),
-               kills_leaving_partial_files=sum(x["partial_files"] > 0 for x in t + res["markers"]),
-               phases={p: sum(x["phase"] == p for x in t) for p in sorted({x["phase"] for x in t})})
-    return res
+    def retrying(self, what: str, unit):
+        """``unit(attempt) -> (result, hang)``; a hang is recorded and the unit retried once."""
+        for attempt in range(2):
+            out, hang = unit(attempt)
+            if hang is None:
+                return out
+            self.res["hung"].append({"what": what, "attempt": attempt, **hang})
+            if attempt == 0:
+                self.res["retried"].append(what)
+            self.results.flush()
+        self.res["errors"].append(f"{what}: hung twice (deadline {hang['deadline_s']} s); see hung[]")
+        return None
+
+    def resume_and_compare(self, root: Path, log: Path) -> tuple[dict | None, dict | None]:
+        status, secs, hang = self.fork(root, log)
+        if hang is not None:
+            return None, hang
+        same = status == "ok" and tree_hash(self.pipe.dirs(self.stage, root), root) == self.h_ref
+        if status != "ok":
+            self.res["errors"].append(f"resume in {root.name}: {status}\n{_tail(log)}")
+        return {"resume_s": round(secs, 3), "identical": same}, None
+
+    def reference(self) -> bool:
+        """The uninterrupted reference run (counting file-system events and renames) and its rerun."""
+        pipe, stage = self.pipe, self.stage
+
+        def counted(name: str):
+            def unit(attempt: int):
+                root, log = self.base / f"{name}_{attempt}", self.logs / f"{stage}_{name}_{attempt}.log"
+                counts = self.logs / f"{stage}_{name}_{attempt}.counts"
+                box: dict = {}
+
+                def setup():
+                    box["fs"], box["replace"] = fs.count_fs_events(self.work), fs.count_replaces()
+
+                def after():
+                    counts.write_text(json.dumps([box["fs"][0], box["replace"][0]]))
+
+                status, secs, hang = self.fork(root, log, setup, after)
+                if hang is not None:
+                    return None, hang
+                if status != "ok":
+                    self.res["errors"].append(f"{name} run: {status}\n{_tail(log)}")
+                    return None, None
+                n_fs, n_replace = json.loads(counts.read_text())
+                return (root, secs, n_fs, n_replace, tree_hash(pipe.dirs(stage, root), root)), None
+            return unit
+
+        ref = self.retrying("reference run", counted("reference"))
+        if ref is None:
+            return False
+        root, t_ref, self.n_events, self.n_replace, self.h_ref = ref
+        pipe.after_reference(stage, root)
+        rerun = self.retrying("rerun", counted("rerun"))
+        self.res["rerun_identical"] = rerun is not None and rerun[4] == self.h_ref
+        if rerun is not None and rerun[2] != self.n_events:
+            self.res["warnings"] = [f"file-system events: {self.n_events} in the reference run, {rerun[2]} in the "
+                                    "rerun; kill points drawn from the fewer"]
+            self.n_events = min(self.n_events, rerun[2])
+        if rerun is not None:
+            shutil.rmtree(rerun[0], ignore_errors=True)
+        t = min(t_ref, rerun[1]) if rerun is not None else t_ref
+        self.res.update(reference_s=round(t, 3), events=self.n_events, renames=self.n_replace)
+        self.deadline = max(self.min_deadline, 40 * t)
+        self.res["deadline_s"] = round(self.deadline, 1)
+        return True
+
+    def kill_trial(self, i: int, k: int, cut: float | None) -> None:
+        pipe, stage = self.pipe, self.stage
+
+        def unit(attempt: int):
+            root, log = self.base / f"kill_{i:02d}_{attempt}", self.logs / f"{stage}_kill_{i:02d}_{attempt}.log"
+            if attempt == 0 and i == self.inject_hang:  # the self-test of the deadline: a child that never ends
+                status, _, hang = self.fork(root, log, setup=fs.deadlock, deadline=INJECTED_DEADLINE)
+                if hang is None:
+                    self.res["errors"].append(f"kill trial {i}: the injected deadlock ended ({status})\n{_tail(log)}")
+                    return None, None
+                return None, {**hang, "injected": True}
+            status, _, hang = self.fork(root, log, setup=lambda: fs.kill_at_fs_event(self.work, k, cut))
+            if hang is not None:
+                return None, hang
+            if status != "killed":
+                self.res["errors"].append(f"kill trial {i}: the run ended ({status}) before its kill point, "
+                                          f"file-system event {k} of {self.n_events}\n{_tail(log)}")
+                return None, None
+            rec = {"kill": i, "event": k, "of": self.n_events, "at": fs.kill_point(log),
+                   "phase": pipe.phase(stage, root), "partial_files": partial_files(pipe.dirs(stage, root))}
+            out, hang = self.resume_and_compare(root, log)
+            if hang is not None:
+                return None, hang
+            if out["identical"]:
+                shutil.rmtree(root, ignore_errors=True)
+            return {**rec, **out, "attempt": attempt}, None
+
+        rec = self.retrying(f"kill trial {i}", unit)
+        if rec is not None:
+            self.res["trials"].append(rec)
+
+    def marker_trial(self, j: int, k: int, mode: str) -> None:
+        pipe, stage, n = self.pipe, self.stage, self.n_replace
+
+        def unit(attempt: int):
+            root, log = self.base / f"marker_{j}_{attempt}", self.logs / f"{stage}_marker_{j}_{attempt}.log"
+            status, _, hang = self.fork(root, log, setup=lambda: fs.kill_at_replace(k, mode))
+            if hang is not None:
+                return None, hang
+            if status != "killed":
+                self.res["errors"].append(f"marker kill {j} (rename {k}/{n}, {mode}): {status}\n{_tail(log)}")
+                return None, None
+            rec = {"rename": k, "of": n, "mode": mode, "phase": pipe.phase(stage, root),
+                   "partial_files": partial_files(pipe.dirs(stage, root))}
+            out, hang = self.resume_and_compare(root, log)
+            if hang is not None:
+                return None, hang
+            if out["identical"]:
+                shutil.rmtree(root, ignore_errors=True)
+            return {**rec, **out, "attempt": attempt}, None
+
+        rec = self.retrying(f"marker kill {j}", unit)
+        if rec is not None:
+            self.res["markers"].append(rec)
+
+    def run(self, kills: int, markers: int, rng: random.Random, min_deadline: float,
+            inject_hang: int | None = None) -> dict:
+        self.min_deadline, self.inject_hang = min_deadline, inject_hang
+        self.pipe.warm_up(self.stage)
+        self.hazards(fs.fork_hazards(full=True))
+        if not self.reference():
+            return self.res
+        self.results.flush()
+        if self.n_events < kills:
+            self.res["errors"].append(f"{self.n_events} file-system events, fewer than {kills} kill points")
+        for i in range(kills):
+            u, coin, frac = rng.random(), rng.random(), rng.random()
+            lo, hi = 1 + i * self.n_events // kills, 1 + (i + 1) * self.n_events // kills  # stratum i of 1..N
+            k = lo + int(u * (hi - lo))
+            self.kill_trial(i, k, frac if coin < 0.5 else None)
+            self.results.flush()
+        n = self.n_replace
+        points = [(1, "mid-write"), (max(1, n // 2), "after"), (max(1, n - 1), "mid-write"),
+                  (max(1, n - 1), "after")][:markers]
+        for j, (k, mode) in enumerate(points):
+            self.marker_trial(j, k, mode)
+            self.results.flush()
+        t, m = self.res["trials"], self.res["markers"]
+        self.res.update(kills=len(t), identical=sum(x["identical"] for x in t), marker_kills=len(m),
+                        marker_identical=sum(x["identical"] for x in m),
+                        kills_leaving_partial_files=sum(x["partial_files"] > 0 for x in t + m),
+                        phases={p: sum(x["phase"] == p for x in t) for p in sorted({x["phase"] for x in t})})
+        return self.res
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -410,29 +440,38 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--markers", type=int, default=4)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stages", default="acts,saes,cafe")
+    ap.add_argument("--deadline", type=float, default=120.0, help="seconds a reference run may take")
+    ap.add_argument("--min-deadline", type=float, default=30.0, help="least seconds any later run may take")
+    ap.add_argument("--inject-hang", type=int, default=None, metavar="I",
+                    help=f"self-test: the first attempt of kill trial I of the first stage deadlocks (deadline "
+                         f"{INJECTED_DEADLINE} s), so the hang report and the retry run every time")
     a = ap.parse_args(argv)
     t0 = time.perf_counter()
     work = Path(a.work).resolve()
     work.mkdir(parents=True, exist_ok=True)
+    results = Results(Path(a.out), {
+        "seed": a.seed, "kills_per_stage": a.kills, "kill_points": "file-system events", "stages": {},
+        "setup": {"world": f"{N_WORLD} concept-world scenes (seed 7), 64 px", "model": "mini_resnet",
+                  "acts": "layers layer3 + layer4, 4 images per batch, 64-row shards",
+                  "saes": f"layer3, BatchTopK, 48 latents, {SAE_STEPS} steps of 64 rows, checkpoint every 4 steps",
+                  "cafe": f"layer3 SAE over {N_CAFE} scenes, k=2, mining checkpoint every batch of 2 images, "
+                          "anchoring chunks of 1 image"}})
     pipe = Pipeline(work)
-    setup_s = time.perf_counter() - t0
+    results.data["setup_s"] = round(time.perf_counter() - t0, 1)
     rng = random.Random(a.seed)
-    stages = {}
-    for stage in a.stages.split(","):
+    for n, stage in enumerate(a.stages.split(",")):
         ts = time.perf_counter()
-        stages[stage] = run_stage(pipe, stage, work, a.kills, a.markers, rng)
-        stages[stage]["seconds"] = round(time.perf_counter() - ts, 1)
-        if stages[stage]["errors"] and "reference_s" not in stages[stage]:
+        sr = StageRun(pipe, stage, work, results, a.deadline)
+        sr.run(a.kills, a.markers, rng, a.min_deadline, a.inject_hang if n == 0 else None)
+        sr.res["seconds"] = round(time.perf_counter() - ts, 1)
+        results.data["total_s"] = round(time.perf_counter() - t0, 1)
+        results.flush()
+        print(f"{stage}: {sr.res.get('identical', 0)}/{sr.res.get('kills', 0)} identical, "
+              f"{len(sr.res['hung'])} hung, {len(sr.res['errors'])} errors, {sr.res['seconds']} s", file=sys.stderr)
+        if "reference_s" not in sr.res:
             break  # the next stage needs this one's reference output
-    out = {"seed": a.seed, "kills_per_stage": a.kills, "setup_s": round(setup_s, 1),
-           "total_s": round(time.perf_counter() - t0, 1), "stages": stages,
-           "setup": {"world": f"{N_WORLD} concept-world scenes (seed 7), 64 px", "model": "mini_resnet",
-                     "acts": "layers layer3 + layer4, 4 images per batch, 64-row shards",
-                     "saes": f"layer3, BatchTopK, 48 latents, {SAE_STEPS} steps of 64 rows, checkpoint every 4 "
-                             "steps",
-                     "cafe": f"layer3 SAE over {N_CAFE} scenes, k=2, mining checkpoint every batch of 2 images, "
-                             "anchoring chunks of 1 image"}}
-    Path(a.out).write_text(json.dumps(out, indent=2) + "\n")
+    results.data["complete"] = True
+    results.flush()
     return 0
 
 
