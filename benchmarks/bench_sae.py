@@ -28,17 +28,22 @@ MID_LAYER = {"mini_resnet": "layer3", "mini_vgg": "features.13", "mini_vit": "en
 
 
 def _adapter(name: str):
-    from sae_cafe.models import load_model, make_adapter
+    """The model to measure. A mini model whose shipped weights are missing (or any model that would run
+    with random weights) is an error: a benchmark of a random stand-in would report numbers of the wrong
+    model."""
+    from sae_cafe.errors import SaeCafeError
+    from sae_cafe.models import load_model, mini
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        try:
-            return load_model(name)
-        except Exception:  # noqa: BLE001 - fall back to a stand-in when the mini models are absent
-            import torchvision
-
-            return make_adapter(torchvision.models.resnet18(num_classes=10).eval(), "resnet18",
-                                input_size=(64, 64), resize=None)
+    if name in mini.MINI_ARCHS and not mini.weights_path(name).exists():
+        raise SaeCafeError(f"{name}: the shipped weights {mini.weights_path(name)} are missing; train them with "
+                           f"`sae-cafe train-model --arch {name}` (or reinstall sae-cafe) before benchmarking")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        adapter = load_model(name)
+    random = [str(w.message) for w in caught if "no weights file given" in str(w.message)]
+    if random:
+        raise SaeCafeError(f"{name}: {random[0]}; benchmark a model with weights (the mini models ship theirs)")
+    return adapter
 
 
 def bench_throughput(n_images: int = 512, batch_size: int = 64, model: str = "mini_resnet",

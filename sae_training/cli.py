@@ -19,8 +19,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                                           "save it to indexes/<run>/saes/<model>/<layer> (cfg.json + "
                                           "sae_weights.safetensors), then evaluate it as reloaded from disk.")
     p.add_argument("--acts", default=None, help="acts stage directory (or --run/--model/--layer)")
-    p.add_argument("--run", default="default")
-    p.add_argument("--root", default=None)
+    p.add_argument("--run", default="demo", help="run name (default: demo, the run `sae-cafe demo` builds)")
+    p.add_argument("--root", default=None, help="artifact root (default indexes/ or $SAE_CAFE_ROOT)")
     p.add_argument("--model", default=None, help="model name (to find the acts, and for the spliced eval)")
     p.add_argument("--layer", default=None)
     p.add_argument("--weights", default=None, help="model weights for the spliced-in evaluation")
@@ -37,7 +37,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--lr", type=float, default=None)
     p.add_argument("--holdout", type=float, default=None)
     p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--device", default=None)
+    p.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
     p.add_argument("--eval-images", default=None, help="held-out images for accuracy/KL with the SAE spliced in")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints of an interrupted run")
     p.set_defaults(func=_train)
@@ -50,6 +50,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     e.add_argument("--acts", default=None, help="held-out acts stage (alternative to --images)")
     e.add_argument("--max-pfvs", type=int, default=1_000_000)
     e.add_argument("--out", default=None)
+    e.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
     e.set_defaults(func=_eval)
 
 
@@ -116,7 +117,7 @@ def _train(args: argparse.Namespace) -> int:
         from sae_cafe.activations import ShardReader
         from sae_cafe.models import load_model
 
-        model = load_model(args.model or ShardReader(acts).model, weights=args.weights)
+        model = load_model(args.model or ShardReader(acts).model, weights=args.weights, device=args.device)
     res = train_sae(acts, args.out, config=cfg, model=model, eval_images=args.eval_images,
                     resume=not args.no_resume)
     tr = res["training"]
@@ -131,7 +132,7 @@ def _eval(args: argparse.Namespace) -> int:
 
     from .evaluate import evaluate_sae
 
-    model = load_model(args.model, weights=args.weights) if args.model else None
+    model = load_model(args.model, weights=args.weights, device=args.device) if args.model else None
     if args.images and model is None:
         raise SaeCafeError("--images needs --model (the model to run the images through)")
     res = evaluate_sae(args.sae, acts=args.acts, model=model, images=args.images, max_pfvs=args.max_pfvs,

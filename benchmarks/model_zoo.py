@@ -1,0 +1,190 @@
+"""Coverage table: every supported model family at full size (224 px, random weights), float32, CPU.
+
+For each model (by default one registered name per model class; ``--all`` for every name, ``--models`` to pick):
+- saliency conservation: |Σmap + sink − target| / (Σ|map| + |sink| + |target|) with ``contrast="none"``, where
+  target is the logit of class 1 or, for a headless backbone, ⟨output, direction⟩ for a random direction;
+- iERF conservation at the middle PFV layer: max over 4 positions of |Σ iERF + sink − 1|;
+- SRD cost: saliency time / (forward + input-gradient) time, batch 1, same process, best of ``--repeat``;
+- extraction: PFVs of the middle layer round-trip exactly (``to_pfv`` → ``from_pfv``);
+- CAFE: a 2-latent CAFE build (random TopK SAE) on 4 random images succeeds.
+
+    .venv/bin/python benchmarks/model_zoo.py                  # writes benchmarks/results/model_zoo.{json,md}
+    .venv/bin/python benchmarks/model_zoo.py --models resnet50 swin_t --out /tmp/zoo
+
+A model that fails a step shows the error in its row instead of a number. Needs no network: every model is
+built from its constructor with random weights.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+import torch
+
+from sae_cafe.cafe.build import build_cafe
+from sae_cafe.errors import SaeCafeError
+from sae_cafe.models import list_adapters, load_model
+from sae_cafe.srd import srd_ierf, srd_saliency
+
+warnings.filterwarnings("ignore")
+RESULTS = Path(__file__).resolve().parent / "results"
+SMALL_FIRST = ("tiny", "small", "18", "b0", "_t", "400mf", "121", "v2", "16")
+
+
+def best_time(fn, repeat: int) -> float:
+    times = []
+    for _ in range(repeat):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return min(times)
+
+
+def representatives(names: list[str]) -> list[str]:
+    """One registered name per model class, preferring small variants (mini models left out)."""
+    by_class: dict[str, list[str]] = {}
+    for n in names:
+        if n.startswith("mini_"):
+            continue
+        with torch.device("meta"):
+            try:
+                cls = type(load_model(n).model)
+            except Exception:  # noqa: BLE001 - meta construction is only a grouping aid
+                cls = None
+        key = f"{cls.__module__}.{cls.__qualname__}" if cls else n
+        by_class.setdefault(key, []).append(n)
+    out = []
+    for group in by_class.values():
+        group.sort(key=lambda n: (not any(s in n for s in SMALL_FIRST), len(n), n))
+        out.append(group[0])
+    return sorted(out)
+
+
+def target_for(adapter, x: torch.Tensor) -> tuple[object, float]:
+    """(target, explained value): class 1 of a classifier, else a random direction of the output."""
+    with torch.no_grad():
+        out = adapter.model(x)
+    out = getattr(out, "logits", out)
+    if isinstance(out, tuple | list):
+        out = out[0]
+    try:
+        srd_saliency(adapter, x, 1, contrast="none")
+        return 1, float(out[0, 1])
+    except SaeCafeError as e:
+        if "direction" not in str(e):
+            raise
+    direction = torch.randn(out.shape[-1], generator=torch.Generator().manual_seed(0))
+    return direction, float(out[0] @ direction)
+
+
+def zoo_row(row: dict, repeat: int) -> None:
+    """Fill ``row`` (which holds "model") step by step; a failing step leaves the earlier results in it."""
+    name = row["model"]
+    adapter = load_model(name)
+    for p in adapter.model.parameters():
+        p.requires_grad_(False)
+    row["constructor"] = f"{type(adapter.model).__module__.split('.')[0]}.{type(adapter.model).__name__}"
+    h, w = adapter.input_size
+    x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
+    target, value = target_for(adapter, x)
+    maps, sink = srd_saliency(adapter, x, target, contrast="none", return_sink=True)
+    total = float(maps.sum() + sink.sum())
+    row["saliency_err"] = abs(total - value) / (float(maps.abs().sum() + sink.abs().sum()) + abs(value))
+
+    def grad_ref():
+        xg = x.clone().requires_grad_(True)
+        out = adapter.model(xg)
+        out = getattr(out, "logits", out)
+        out = out[0] if isinstance(out, tuple | list) else out
+        (out[:, 1].sum() if not torch.is_tensor(target) or target.ndim == 0 else out @ target).sum().backward()
+
+    srd_saliency(adapter, x, target)
+    t_srd = best_time(lambda: srd_saliency(adapter, x, target), repeat)
+    t_ref = best_time(grad_ref, repeat)
+    row["cost"] = t_srd / t_ref
+    row["srd_s"] = t_srd
+
+    layers = list(adapter.layers())
+    mid = layers[len(layers) // 2]
+    gh, gw = adapter.grid(mid)
+    errs = []
+    for r, c in ((0, 0), (gh // 2, gw // 2), (gh - 1, gw - 1), (gh // 3, 2 * gw // 3)):
+        m, s = srd_ierf(adapter, x, mid, (r, c), return_sink=True)
+        errs.append(abs(float(m.sum() + s.sum()) - 1.0))
+    row["ierf_layer"], row["ierf_err"] = mid, max(errs)
+
+    act = adapter.capture(x, [mid])[mid]
+    pfv = adapter.to_pfv(act, mid)
+    row["extraction_ok"] = bool(torch.equal(adapter.from_pfv(pfv), act))
+
+    from sae_lens import TopKSAE, TopKSAEConfig
+
+    torch.manual_seed(0)
+    sae = TopKSAE(TopKSAEConfig(d_in=pfv.pfv.shape[-1], d_sae=2, k=1)).eval()
+    imgs = torch.randn(4, 3, h, w, generator=torch.Generator().manual_seed(1))
+    with tempfile.TemporaryDirectory() as d:
+        cafe = build_cafe(adapter, sae, mid, imgs, out_dir=Path(d) / "cafe", k=2, n_sample=0, progress=False)
+        row["cafe_ok"] = len(cafe.latent_rows) == 2
+
+
+def _cell(r: dict, key: str, fmt: str) -> str:
+    v = r.get(key)
+    if v is None:
+        return "—"
+    if isinstance(v, bool):
+        return "ok" if v else "FAIL"
+    return format(v, fmt)
+
+
+def render(rows: list[dict]) -> str:
+    lines = ["| model | constructor | saliency conservation err | iERF err | iERF layer "
+             "| SRD cost × (fwd + input-grad) | extraction | CAFE 2-latent build | error |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        cost = _cell(r, "cost", ".2f") + ("×" if "cost" in r else "")
+        lines.append(f"| {r['model']} | {r.get('constructor', '—')} | {_cell(r, 'saliency_err', '.1e')} | "
+                     f"{_cell(r, 'ierf_err', '.1e')} | {r.get('ierf_layer', '—')} | {cost} | "
+                     f"{_cell(r, 'extraction_ok', '')} | {_cell(r, 'cafe_ok', '')} | {r.get('error', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--models", nargs="*", help="registered names (default: one per model class)")
+    ap.add_argument("--all", action="store_true", help="every registered name")
+    ap.add_argument("--repeat", type=int, default=2)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", type=Path, default=RESULTS, help="folder for model_zoo.json / model_zoo.md")
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    names = args.models or (list_adapters() if args.all else representatives(list_adapters()))
+    rows = []
+    for n in names:
+        t = time.perf_counter()
+        row: dict = {"model": n}
+        try:
+            zoo_row(row, args.repeat)
+        except Exception as e:  # noqa: BLE001 - the table shows what failed
+            traceback.print_exc()
+            row["error"] = f"{type(e).__name__}: {(str(e).splitlines() or [''])[0][:160]}"
+        row["wall_s"] = round(time.perf_counter() - t, 1)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    args.out.mkdir(parents=True, exist_ok=True)
+    meta = {"threads": args.threads, "torch": torch.__version__, "input": "224 px (the adapter's input size)",
+            "weights": "random", "dtype": "float32", "batch": 1, "repeat": args.repeat}
+    (args.out / "model_zoo.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (args.out / "model_zoo.md").write_text(render(rows))
+    print(render(rows))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
