@@ -2,14 +2,15 @@
 model (``run_with_saes``).
 
 sae-lens only splices SAEs into language models (``HookedSAETransformer``); splicing into vision layers,
-with ViT class/register tokens passed through unchanged, is written here by hand.
+with ViT class/register tokens passed through unchanged, and editing latents there (interventions) are written
+here by hand.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import ArtifactError, MismatchError
+from .interventions import Intervention, edit_latents, group_interventions
 from .models import ModelAdapter, PFVBatch, get_adapter, grid_positions
 
 
@@ -225,15 +227,70 @@ def spliced(model: ModelAdapter | nn.Module, saes: Mapping[str | int, Any], keep
         yield adapter
 
 
+def intervene_layer(sae: Any, adapter: ModelAdapter, act: torch.Tensor, interventions: Sequence[Intervention],
+                    keep_error: bool = True) -> torch.Tensor:
+    """A raw layer output ``act`` (CNN (B, C, h, w); ViT (B, T, D)) with ``interventions`` (one layer's)
+    applied; same shape. ``keep_error``: ``act + decode(a') − decode(a)`` (no-op edits return ``act`` exactly);
+    else ``decode(a')``. Class/register tokens unchanged."""
+    batch = adapter.to_pfv(act)
+    a = encode_pfv(sae, batch.pfv)
+    new = decode(sae, edit_latents(a, interventions, batch.grid)).to(act.dtype)
+    if keep_error:
+        new = batch.pfv + (new - decode(sae, a).to(act.dtype))
+    return adapter.from_pfv(PFVBatch(new, batch.positions, batch.grid, batch.extra))
+
+
 def run_with_saes(model: ModelAdapter | nn.Module, x: torch.Tensor, saes: Mapping[str | int, Any],
-                  keep_error: bool = False, check: bool = True) -> torch.Tensor:
+                  keep_error: bool | None = None, check: bool = True,
+                  interventions: Sequence[Intervention] | None = None,
+                  return_activations: Sequence[str | int] | None = None
+                  ) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """Logits of ``model`` on ``x`` (N,3,H,W) with each layer's output replaced by its SAE reconstruction.
 
     ``saes``: ``{layer id: sae_lens.SAE}``; ViT class/register tokens pass through unchanged;
-    ``keep_error`` adds the SAE error term back (same output, gradients through the SAE).
+    ``keep_error`` adds the SAE error term back (same output, gradients through the SAE); default: False
+    without interventions, True with them.
+
+    ``interventions``: :class:`sae_cafe.interventions.Intervention` edits of latents (clamp / scale / zero /
+    add at all positions, a box, a mask or tokens) at layers in ``saes``; an intervened layer's output becomes
+    ``out + decode(a') − decode(a)`` (``keep_error``, so a no-op edit changes nothing) or ``decode(a')``.
+    ``return_activations``: layer ids whose raw outputs (after any splice there) are returned as well, as
+    ``(logits, {layer: activation})``; without it only the logits (N, classes) are returned.
     """
-    with spliced(model, saes, keep_error=keep_error, check=check) as adapter:
-        return adapter.model(x)
+    if interventions is None and return_activations is None:  # the original contract
+        with spliced(model, saes, keep_error=bool(keep_error), check=check) as adapter:
+            return adapter.model(x)
+    keep = bool(interventions) if keep_error is None else keep_error
+    adapter = get_adapter(model)
+    resolved: dict[str, Any] = {}
+    for layer, sae in saes.items():
+        name = check_sae(sae, adapter, layer, check_model=False) if check else adapter.resolve_layer(layer)
+        if name in resolved:
+            raise MismatchError(f"two SAEs given for layer {name!r} ({layer!r}); pass one per layer")
+        resolved[name] = sae
+    by_layer = group_interventions(adapter, resolved, list(interventions or []), tuple(x.shape[-2:]))
+    want = [adapter.resolve_layer(n) for n in (return_activations or [])]
+    got: dict[str, torch.Tensor] = {}
+
+    def make(name: str):
+        sae, ivs, record = resolved.get(name), by_layer.get(name), name in want
+
+        def hook(_m, _i, out):
+            new = out
+            if ivs:
+                new = intervene_layer(sae, adapter, out, ivs, keep_error=keep)
+            elif sae is not None:
+                new = reconstruct_layer(sae, adapter, out, keep_error=keep)
+            if record:
+                got[name] = new
+            return None if new is out else new
+        return hook
+
+    with adapter.hooks({n: make(n) for n in dict.fromkeys([*resolved, *want])}):
+        logits = adapter.model(x)
+    if return_activations is None:
+        return logits
+    return logits, {n: got[n] for n in want}
 
 
 def sae_layer(sae: Any) -> str | None:
