@@ -22,7 +22,7 @@ from ..images import pil_to_tensor, to_pil
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 #: element-wise activation modules (PFV layers of conv nets; SRD treats them all alike, method_spec §2.2.4)
-ACTIVATIONS = (nn.ReLU, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid)
+ACTIVATIONS = (nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Hardswish, nn.LeakyReLU, nn.ELU, nn.Tanh, nn.Sigmoid)
 
 
 @contextlib.contextmanager
@@ -76,6 +76,8 @@ class ModelAdapter:
 
     family: str = "generic"
     kind: Literal["conv", "tokens"] = "conv"
+    #: module names of shortcut branches that the receptive field skips (``layers()``)
+    rf_skip: tuple[str, ...] = ("downsample",)
 
     def __init__(self, model: nn.Module, name: str, input_size: tuple[int, int] = (224, 224),
                  mean: Sequence[float] = IMAGENET_MEAN, std: Sequence[float] = IMAGENET_STD,
@@ -125,7 +127,8 @@ class ModelAdapter:
             state["jump"] *= s
 
         geo_hooks = {n: geo for n, m in self.model.named_modules()
-                     if isinstance(m, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d) and "downsample" not in n}
+                     if isinstance(m, nn.Conv2d | nn.MaxPool2d | nn.AvgPool2d)
+                     and not any(part in n.split(".") for part in self.rf_skip)}
         acts: dict[str, torch.Tensor] = {}
 
         def record(n: str):

@@ -1,4 +1,6 @@
-"""Family surgery for SRD on mobile CNNs: torchvision EfficientNet (MBConv, FusedMBConv) and MobileNetV3.
+"""Family surgery for SRD on mobile CNNs: torchvision EfficientNet (MBConv, FusedMBConv), MobileNetV3 and
+MobileNetV2 (InvertedResidual with ReLU6; its linear bottleneck, a bare Conv2d + BatchNorm2d, is a node
+without activation, summed with the skip when the block has one).
 
 Every ``Conv2dNormActivation`` is one node (conv + BatchNorm folded, ``act`` its activation, called without
 in-place writes; no activation: ``act=None``). A block's output is its last node; with a residual
@@ -121,17 +123,18 @@ def _block_stages(name: str, block: nn.Module, source: str, dtype: torch.dtype) 
     """Stages of an MBConv / FusedMBConv / InvertedResidual; the output node is ``name``."""
     from torchvision.ops.misc import Conv2dNormActivation, SqueezeExcitation
 
-    body = getattr(block, "block", None)
+    body_name = "block" if hasattr(block, "block") else "conv"  # MobileNetV2's InvertedResidual: .conv
+    body = getattr(block, body_name, None)
     if not isinstance(body, nn.Sequential) or not hasattr(block, "use_res_connect"):
         raise UnsupportedModuleError(f"{name}: block type {type(block).__name__} has no SRD rule")
     residual = bool(block.use_res_connect)
-    parts = list(body.named_children())
+    parts = _group_conv_bn(list(body.named_children()))
     stages: list[Stage] = []
     src = source
     for k, (sub, m) in enumerate(parts):
-        where = f"{name}.block.{sub}"
+        where = f"{name}.{body_name}.{sub}"
         last = k == len(parts) - 1
-        if isinstance(m, Conv2dNormActivation):
+        if isinstance(m, Conv2dNormActivation | _ConvBN):
             stage = _cna_stage(m, where, where, src, dtype)
             if last and not residual:
                 stage.target = name
@@ -147,7 +150,8 @@ def _block_stages(name: str, block: nn.Module, source: str, dtype: torch.dtype) 
             stages[-1].act = _then(stages[-1].act, _se_fn(m, where, dtype))
         else:
             raise UnsupportedModuleError(f"{where}: module {type(m).__name__} has no SRD rule (supported in "
-                                         "blocks: Conv2dNormActivation, SqueezeExcitation)")
+                                         "blocks: Conv2dNormActivation, Conv2d + BatchNorm2d, "
+                                         "SqueezeExcitation)")
     if not stages:
         raise UnsupportedModuleError(f"{name}: empty block")
     if stages[-1].target != name:  # residual after an activation: a pure sum node
@@ -155,16 +159,37 @@ def _block_stages(name: str, block: nn.Module, source: str, dtype: torch.dtype) 
     return stages
 
 
+class _ConvBN(nn.Sequential):
+    """A bare ``Conv2d`` (+ ``BatchNorm2d``) pair of a block body, read like a Conv2dNormActivation without an
+    activation (MobileNetV2's linear bottleneck: conv → BN, no ReLU6, then the residual add)."""
+
+
+def _group_conv_bn(parts: list[tuple[str, nn.Module]]) -> list[tuple[str, nn.Module]]:
+    out: list[tuple[str, nn.Module]] = []
+    for sub, m in parts:
+        if isinstance(m, nn.BatchNorm2d) and out and isinstance(out[-1][1], _ConvBN) and len(out[-1][1]) == 1:
+            out[-1][1].append(m)  # the pair keeps the conv's name; the BN is its module "1"
+        elif type(m) is nn.Conv2d:
+            out.append((sub, _ConvBN(m)))
+        else:
+            out.append((sub, m))
+    return out
+
+
 def _is_block(m: nn.Module) -> bool:
     from torchvision.models.efficientnet import FusedMBConv, MBConv
+    from torchvision.models.mobilenetv2 import InvertedResidual as InvertedResidualV2
     from torchvision.models.mobilenetv3 import InvertedResidual
 
-    return isinstance(m, (MBConv, FusedMBConv, InvertedResidual))
+    return isinstance(m, (MBConv, FusedMBConv, InvertedResidual, InvertedResidualV2))
 
 
 def _head(model: nn.Module, source: str, family: str) -> Head:
-    if not isinstance(model.avgpool, nn.AdaptiveAvgPool2d) or model.avgpool.output_size not in (1, (1, 1)):
-        raise UnsupportedModuleError(f"avgpool: {type(model.avgpool).__name__} has no SRD head rule for "
+    avgpool = getattr(model, "avgpool", None)
+    if avgpool is None and family == "mobilenetv2":  # MobileNetV2 pools with F.adaptive_avg_pool2d(x, 1)
+        avgpool = nn.AdaptiveAvgPool2d(1)
+    if not isinstance(avgpool, nn.AdaptiveAvgPool2d) or avgpool.output_size not in (1, (1, 1)):
+        raise UnsupportedModuleError(f"avgpool: {type(avgpool).__name__} has no SRD head rule for "
                                      f"{family} (expected AdaptiveAvgPool2d(1))")
     mlp = []
     for i, m in enumerate(model.classifier):
@@ -181,7 +206,8 @@ def _head(model: nn.Module, source: str, family: str) -> Head:
 
 
 def build_mobile_graph(model: nn.Module, dtype: torch.dtype, family: str = "efficientnet") -> SRDGraph:
-    """torchvision EfficientNet (v1/v2) or MobileNetV3: ``features`` → stages, avgpool + classifier → head.
+    """torchvision EfficientNet (v1/v2), MobileNetV3 or MobileNetV2: ``features`` → stages, (avg)pool +
+    classifier → head.
 
     Layer ids: ``features.i`` for stem/last conv and flat blocks (MobileNetV3), ``features.i.j`` for the
     blocks of an EfficientNet stage and ``features.i`` for the stage (its last block's output).
