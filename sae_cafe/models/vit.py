@@ -1,4 +1,6 @@
-"""ViT adapters: torchvision ``VisionTransformer`` and timm ``VisionTransformer`` / DeiT.
+"""ViT adapters: torchvision ``VisionTransformer`` and timm ``VisionTransformer`` / DeiT (incl. distilled
+DeiT and the CLIP / SigLIP / DINOv2 image towers). What SRD explains: the logits of a classifier head, the
+pooled feature of a headless tower (``num_classes=0``; saliency then needs a direction target).
 
 Layer ids are block module paths (``encoder.layers.encoder_layer_5`` / ``blocks.5``); the block index
 (``5`` or ``"5"``) is accepted as an alias. Class/register tokens are kept apart from patch tokens.
@@ -79,7 +81,9 @@ class TorchvisionViTAdapter(_ViTAdapter):
 
 
 class TimmViTAdapter(_ViTAdapter):
-    """timm ``VisionTransformer`` (ViT, DeiT): class and register tokens first."""
+    """timm ``VisionTransformer`` (ViT, DeiT, distilled DeiT, CLIP / SigLIP / DINOv2 towers): class,
+    distillation and register tokens first (``num_prefix_tokens``). Models built with
+    ``dynamic_img_size=True`` take any input size that is a multiple of the patch size."""
 
     def __init__(self, model, name, **kw):
         cfg = getattr(model, "pretrained_cfg", {}) or {}
@@ -99,5 +103,24 @@ register_adapter(VisionTransformer, TorchvisionViTAdapter, "torchvision VisionTr
 register_adapter("timm.models.vision_transformer.VisionTransformer", TimmViTAdapter, "timm VisionTransformer/DeiT")
 register_model("vit_b_16")(torchvision_factory("vit_b_16"))
 for _n in ("vit_base_patch16_224", "vit_small_patch16_224", "vit_tiny_patch16_224", "deit_small_patch16_224",
-           "deit_tiny_patch16_224", "deit_base_patch16_224"):
+           "deit_tiny_patch16_224", "deit_base_patch16_224",
+           # foundation towers as timm builds them (SRD: norm_pre, attention-pool head, distillation token;
+           # num_classes defaults as in timm: CLIP 1000 (a fresh head), SigLIP and DINOv2 headless)
+           "vit_base_patch16_clip_224", "vit_base_patch16_siglip_224", "deit_small_distilled_patch16_224"):
     register_model(_n)(timm_factory(_n))
+
+
+def _dinov2_factory(name: str):
+    """DINOv2 as timm builds it (518 px position embeddings, so timm checkpoints load strictly) with
+    ``dynamic_img_size=True``: the adapter runs it at 224 px, position embeddings resampled as timm does."""
+    make = timm_factory(name)
+
+    def build(**kw):
+        kw.setdefault("dynamic_img_size", True)
+        return make(**kw)
+
+    return build
+
+
+for _n in ("vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2"):
+    register_model(_n, input_size=(224, 224))(_dinov2_factory(_n))

@@ -60,12 +60,29 @@ def _check_contrast(contrast: str) -> None:
         raise SaeCafeError(f"contrast must be 'mean' or 'none', got {contrast!r}")
 
 
-def _targets(target, n: int, n_out: int, device) -> Tensor:
-    """Class ids (N,) long from an int or an (N,) tensor/sequence, each in 0 … n_out − 1."""
+def _targets(target, n: int, n_out: int, device, headless: bool = False) -> Tensor:
+    """Class ids (N,) long from an int or an (N,) tensor/sequence, each in 0 … n_out − 1; or directions
+    (N, n_out) float from a floating-point tensor (n_out,) or (N, n_out) (the map decomposes ⟨output, d⟩)."""
+    if isinstance(target, Tensor) and target.is_floating_point() and (
+            target.ndim == 2 or (target.ndim == 1 and target.numel() == n_out
+                                 and (headless or n_out != n or not torch.equal(target, target.round())))):
+        d = target.to(device)
+        if d.ndim == 1:
+            d = d[None].expand(n, -1)
+        if d.shape != (n, n_out):
+            raise MismatchError(f"target direction has shape {tuple(target.shape)}; give ({n_out},) or "
+                                f"(N={n}, {n_out}) — the model's output width is {n_out}")
+        if not torch.isfinite(d).all():
+            raise NonFiniteError("target direction contains NaN/inf values")
+        return d
+    if headless:
+        raise MismatchError(f"this model has no classifier head (its output is a {n_out}-dim feature vector), "
+                            "so a class id cannot be explained: pass target as a direction, a float tensor "
+                            f"({n_out},) or (N, {n_out}) (e.g. a text embedding or a linear probe's weight row)")
     t = torch.as_tensor(target, device=device)
     if t.is_floating_point() and not torch.equal(t, t.round()):
-        raise MismatchError(f"target must be integer class ids (an int or an (N,) integer tensor), got "
-                            f"values like {t.flatten()[:3].tolist()}")
+        raise MismatchError(f"target must be integer class ids (an int or an (N,) integer tensor) or a "
+                            f"direction ({n_out},) / (N, {n_out}), got values like {t.flatten()[:3].tolist()}")
     t = t.long().reshape(-1)
     if t.numel() == 1:
         t = t.expand(n)
@@ -76,6 +93,13 @@ def _targets(target, n: int, n_out: int, device) -> Tensor:
         raise MismatchError(f"target class {int(t[bad][0])} is out of range: the model has {n_out} outputs, "
                             f"so a target must be in 0 … {n_out - 1}")
     return t
+
+
+def _contrast_for(contrast: str | None, target: Tensor) -> str:
+    """None → "mean" for class ids, "none" for directions."""
+    if contrast is None:
+        return "none" if target.is_floating_point() else "mean"
+    return contrast
 
 
 def _sink(sink_tok: Tensor, return_sink: SinkOption) -> Tensor:
@@ -89,37 +113,45 @@ def _ret(maps: Tensor, sink_tok: Tensor, return_sink: SinkOption):
 
 
 def _class_call(model, x, target, contrast, dtype):
-    _check_contrast(contrast)
+    if contrast is not None:
+        _check_contrast(contrast)
     _check_dtype(dtype)
     adapter, backend, x = _prepare(model, x)
     with torch.no_grad():
         n_out = backend.prepare(x, dtype)
-    return backend, x, _targets(target, x.shape[0], n_out, x.device)
+    t = _targets(target, x.shape[0], n_out, x.device, bool(getattr(backend, "headless", False)))
+    return backend, x, t, _contrast_for(contrast, t)
 
 
 # ----- public API -------------------------------------------------------------------------------------------
-def srd_saliency(model, x, target, contrast: str = "mean", differentiable: bool = False,
+def srd_saliency(model, x, target, contrast: str | None = None, differentiable: bool = False,
                  dtype: torch.dtype | None = torch.float32, return_sink: SinkOption = False):
-    """Class saliency maps (N, H, W) for images ``x`` (N, 3, H, W) and class ``target`` (int or (N,)).
+    """Saliency maps (N, H, W) for images ``x`` (N, 3, H, W) and ``target``.
 
-    ``contrast="mean"`` subtracts each image's mean top-layer relevance before propagating (class-
-    discriminative; the map then sums to 0 for CNNs); ``"none"`` keeps the exact logit shares (map + sink
-    sums to the logit). ``return_sink=True`` also returns the sink (N,) (``"tokens"``: (N, E)).
+    ``target``: a class id (int or (N,) integers), or a *direction* — a floating-point tensor of the
+    output's width K, (K,) or one per image (N, K) — whose map decomposes ⟨output, direction⟩ (a CLIP text
+    embedding for zero-shot saliency, a linear probe's weight row; the only target of a headless backbone,
+    where a class id is a MismatchError; with exactly K images a (K,) float tensor of whole numbers reads as
+    class ids, so pass (N, K) there). ``contrast="mean"`` subtracts each image's mean top-layer
+    relevance before propagating (class-discriminative; the map then sums to 0 for CNNs); ``"none"`` keeps
+    the exact shares (map + sink sums to the logit or to ⟨output, direction⟩). Default (None): "mean" for
+    class ids, "none" for directions. ``return_sink=True`` also returns the sink (N,) (``"tokens"``: (N, E)).
     """
-    backend, x, t = _class_call(model, x, target, contrast, dtype)
+    backend, x, t, contrast = _class_call(model, x, target, contrast, dtype)
     maps, sink = backend.saliency(x, t, contrast, differentiable, dtype)
     return _ret(maps, sink, return_sink)
 
 
-def srd_relevance(model, x, target, layers: Sequence[str | int], contrast: str = "mean",
+def srd_relevance(model, x, target, layers: Sequence[str | int], contrast: str | None = None,
                   dtype: torch.dtype | None = torch.float32, return_sink: SinkOption = False):
-    """Relevance maps {str(layer): (N, h, w)} at the outputs of ``layers`` during the class-``target``
-    propagation; with ``return_sink`` also {str(layer): sink (N,) or (N, E)}."""
+    """Relevance maps {str(layer): (N, h, w)} at the outputs of ``layers`` during the propagation of
+    ``target`` (class id or direction, as in :func:`srd_saliency`; contrast default "mean" for class ids,
+    "none" for directions); with ``return_sink`` also {str(layer): sink (N,) or (N, E)}."""
     if isinstance(layers, str | int):
         layers = [layers]
     adapter = get_adapter(model)
     names = {str(layer): adapter.resolve_layer(layer) for layer in layers}
-    backend, x, t = _class_call(model, x, target, contrast, dtype)
+    backend, x, t, contrast = _class_call(model, x, target, contrast, dtype)
     out, sinks = backend.relevance(x, t, names, contrast, dtype)
     if return_sink:
         return out, {k: _sink(s, return_sink) for k, s in sinks.items()}
@@ -181,5 +213,5 @@ def apop_forward(model, x, x_prime, dtype: torch.dtype | None = None) -> Tensor:
 
 def srd_diagnostics(model, x, target, contrast: str = "none") -> dict[str, dict[str, float]]:
     """Per-stage max |Σμ − 1| and per-stage conservation deltas |Σ R_sources − Σ R_target| (float64)."""
-    backend, x, t = _class_call(model, x, target, contrast, torch.float64)
+    backend, x, t, contrast = _class_call(model, x, target, contrast, torch.float64)
     return backend.diagnostics(x, t, contrast)

@@ -81,10 +81,16 @@ class SRDBackend(ABC):
 
     The API calls :meth:`prepare` first, then one of the computing methods. Arguments arrive validated:
     ``x`` (N, 3, H, W) finite on the model's device; ``target`` (N,) long class ids in range; ``layer`` a
-    canonical layer id (:meth:`resolve_layer`); ``contrast`` "mean" or "none"; ``dtype`` the compute dtype
+    canonical layer id (:meth:`resolve_layer`); ``contrast`` "mean" or "none"; ``dtype`` the compute dtype.
+    ``target`` may instead be directions (N, K) (floating point, K = number of outputs): the backend then
+    explains ⟨output, direction⟩ (a backend without direction support raises UnsupportedModuleError)
     (None: the model's own). Maps come back with a *sink*: the relevance that reached no pixel (ViT class /
     register tokens), per sink token, shape (..., E) with E = 0 for families without one.
     """
+
+    #: set by :meth:`prepare` when the model has no classifier (its output is a feature vector): the API
+    #: then refuses class ids and asks for a direction target.
+    headless: bool = False
 
     def __init__(self, adapter):
         self.adapter = adapter

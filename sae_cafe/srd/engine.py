@@ -37,6 +37,8 @@ class SRDRun:
         self.n_stages = len(graph.stages)
         for i, stage in enumerate(graph.stages):
             z = self._fused(i, stage.branches[0]) if fuse and len(stage.branches) == 1 else None
+            if z is None and hasattr(stage, "combine"):  # one map over all sources (a concatenation's BN)
+                z = stage.combine([self.post[br.source] for br in stage.branches])
             for j, br in enumerate(stage.branches if z is None else ()):
                 u = self._pool(br)[0] if br.pool is not None else self.post[br.source]
                 if br.freeze is not None:
@@ -80,7 +82,9 @@ class SRDRun:
             for j, br in enumerate(stage.branches):
                 pooled, idx = self._pool(br) if br.pool is not None else (None, None)
                 rec = self.frozen.get((i, j))
-                if rec is None:
+                if hasattr(br, "path_mu"):  # a branch with its own paths (e.g. Swin window attention)
+                    mus.append(br.path_mu(self.post[br.source], z, self.out.get((i, j)), rec))
+                elif rec is None:
                     mus.append(branch_mu(br, self.post[br.source], z, self.out[i, j], pooled, idx))
                 else:
                     mus.append(_frozen_mu(br, rec, z, self.out[i, j]))
@@ -120,7 +124,8 @@ class SRDRun:
             for br, m in zip(stage.branches, self.mu(i)):
                 src = self.post[br.source]
                 pooled_hw = self._pool(br)[0].shape[-2:] if br.pool is not None else None
-                scatter = make_scatter(br, src.shape[-2:], pooled_hw)
+                scatter = (br.path_scatter(src.shape[-2:]) if hasattr(br, "path_scatter")
+                           else make_scatter(br, src.shape[-2:], pooled_hw))
                 prod = (m.unsqueeze(1) * r.unsqueeze(2)).flatten(0, 1)  # (N*S, J, h', w')
                 back = scatter(prod).view(N, S, *src.shape[-2:])
                 rel[br.source] = rel[br.source] + back if br.source in rel else back
@@ -142,7 +147,8 @@ class SRDRun:
         return f
 
     def top_relevance(self, target: torch.Tensor) -> torch.Tensor:
-        """Each top-node position's exact additive share of logit ``target`` (N, h, w).
+        """Each top-node position's exact additive share of logit ``target`` (N,) — or of ⟨logits, d⟩ for a
+        direction ``target`` d (N, K) — as (N, h, w).
 
         The head is linear given its activation pattern (ReLU masks or gates act(a)/a frozen, pool indices
         stored, dropout off): logit_y = Σ_{c,p} w_eff[c,p] v[c,p] + b_eff. The channel term of each position is
@@ -160,7 +166,8 @@ class SRDRun:
             create = v.requires_grad
             g_chan, = torch.autograd.grad(cells, vv, w_eff.view_as(cells), create_graph=create, retain_graph=True)
             n_cells = cells.shape[2] * cells.shape[3]
-            logit = _logits_from(head, f).gather(1, target.view(-1, 1)).squeeze(1)
+            out = _logits_from(head, f)
+            logit = (out * target).sum(1) if target.is_floating_point() else out.gather(1, target.view(-1, 1))[:, 0]
             b_eff = logit - (w_eff * f).sum(1)
             unit = torch.full_like(cells, 1.0 / (cells.shape[1] * n_cells))
             g_bias, = torch.autograd.grad(cells, vv, unit, create_graph=create)
@@ -219,7 +226,8 @@ def _effective_weights(head: Head, f: torch.Tensor, target: torch.Tensor) -> tor
             gate = torch.where(a != 0, out / safe, torch.zeros_like(a))
             steps.append(lambda w, g=gate: w * g)
             a = out
-    w = last.weight.to(f.dtype)[target]  # (N, out_{L-1}); what follows the last Linear is not decomposed
+    W = last.weight.to(f.dtype)  # what follows the last Linear is not decomposed
+    w = target.to(f.dtype) @ W if target.is_floating_point() else W[target]  # (N, out_{L-1}); direction or row
     for step in reversed(steps[:n_last]):
         w = step(w)
     return w

@@ -1,5 +1,6 @@
 """SRD (Sharing Ratio Decomposition) for pre-LN Vision Transformers (torchvision ``VisionTransformer``,
-timm ``VisionTransformer`` / DeiT). method_spec §2.4 made exact; the choices where it is ambiguous:
+timm ``VisionTransformer`` / DeiT / distilled DeiT and the CLIP, SigLIP and DINOv2 towers). method_spec
+§2.4 made exact; the choices where it is ambiguous:
 
 * Nodes are the residual-stream token vectors at the two adds of every block: y = x + attn(LN₁ x) and
   out = y + MLP(LN₂ y). Attention probabilities (recomputed from the q/k weights, since torchvision and
@@ -22,13 +23,20 @@ timm ``VisionTransformer`` / DeiT). method_spec §2.4 made exact; the choices wh
   relevance reaching them is the *sink*, reported (``return_sink=True`` → (N,), ``"tokens"`` → per
   prefix token (N, E)), never renormalised: maps.sum((-2,-1)) + sink == seed total.
 * Class initialisation: the head (final LN, pooling, fc_norm, Linear; torchvision's Tanh pre-logits with
-  its gate frozen) is affine in the final stream. Pooled head (timm ``global_pool="avg"``): token t's
-  share of logit y is F(x^L_t)[y] + its norm-proportional share (‖F(x^L_t)‖ in logit space) of the head
-  bias b̃ (head bias + final LN shifts); the node is the last block's output. Class-token head: the class
-  token's final vector is decomposed through the last block, sources = attention sources c_{s→cls}, the
-  class token's skip and its MLP term; the MLP term (a function of the already mixed y_cls) follows
-  y_cls's sharing ratios; b̃ is shared over these sources. The node is the last block's *input*, so Σ R =
-  logit exactly and ``vit_srd_relevance`` reports the last block's output as all on the class token.
+  its gate frozen; SigLIP's attention pool with its probabilities, LayerNorm σ and MLP gates frozen) is
+  affine in the final stream. Pooled heads ("avg", "map"): token t's share of the output is F(x^L_t)·d +
+  its norm-proportional share (‖F(x^L_t)‖ in output space) of b̃·d (b̃: head bias + final LN shifts + the
+  pool's value/output biases and MLP constant); the node is the last block's output. Token readouts (class
+  token; distilled DeiT: class and distillation tokens, each head weighted ½): the readout token's final
+  vector is decomposed through the last block, sources = attention sources c_{s→r}, r's skip and its MLP
+  term; the MLP term (a function of the already mixed y_r) follows y_r's sharing ratios; b̃ is shared over
+  these sources. The node is the last block's *input*, so Σ R = ⟨output, d⟩ exactly and
+  ``vit_srd_relevance`` reports the last block's output as all on the readout tokens.
+* Targets: d is the one-hot of a class id, or a direction in output space (a float (K,) or (N, K) target):
+  the map then decomposes ⟨output, d⟩. A headless tower (timm ``num_classes=0``) explains its pooled
+  feature and accepts directions only.
+* ``norm_pre`` (CLIP's ln_pre) is folded into the pixel stage as a frozen-σ affine map: pixel k of patch t
+  contributes G_t W_k x_k, with G_t(b + pos_t) + β_pre as the bias shared by ‖G_t W_k x_k‖.
 * contrast="mean" subtracts the mean over *patch* tokens at the class-initialisation node; prefix tokens
   keep their share. So for a pooled head Σ maps + sink = 0, and for a class-token head Σ maps + sink = the
   class/register tokens' share of the logit at the last block's input (their relevance then reaches the
@@ -38,8 +46,9 @@ timm ``VisionTransformer`` / DeiT). method_spec §2.4 made exact; the choices wh
   (``ViTSRD``, ``vit_srd_sharing``) and every further seed costs one (T×T) matmul per block.
 * ``dtype`` other than the model's computes on a deep copy cast to it, cached (with the spec) per model and
   weights version: a float64 copy of the model stays in memory while the model lives.
-* Dropout / drop-path are taken as identities (eval). Unsupported variants (conv stems, norm_pre, GLU MLPs,
-  attention pooling, gated or norm-scaled attention) raise UnsupportedModuleError naming the module.
+* Dropout / drop-path are taken as identities (eval). Unsupported variants (conv stems, GLU MLPs, max
+  pooling, gated or norm-scaled attention, dynamic_img_pad) raise UnsupportedModuleError naming the module.
+  ``dynamic_img_size`` models take any multiple of the patch size (position embeddings resampled by timm).
 """
 
 from __future__ import annotations
@@ -55,7 +64,7 @@ from ..models.base import eval_mode
 from .api import apop_forward, srd_ierf, srd_ierf_from_relevance, srd_relevance, srd_saliency
 from .backend import SRDBackend, cached_build, check_images
 from .vit_model import Spec, check_input, make_spec, run
-from .vit_share import block_share, class_relevance, pixel_share
+from .vit_share import block_share, class_relevance, pixel_share, readout_values
 
 __all__ = ["ViTBackend", "ViTSRD", "vit_apop_forward", "vit_srd_ierf", "vit_srd_ierf_from_relevance",
            "vit_srd_relevance", "vit_srd_saliency", "vit_srd_sharing"]
@@ -89,7 +98,7 @@ class ViTSRD:
         if not torch.isfinite(out).all():
             raise NonFiniteError(f"{spec.name}: NaN or inf activations in the forward pass; check the "
                                  "weights and input scale (or use dtype=torch.float64)")
-        self.mu_pix = pixel_share(spec, x, self.trace.tokens0)
+        self.mu_pix = pixel_share(spec, x, self.trace.tokens0, self.trace.sig_pre)
 
     def down(self, R: Tensor, node: int) -> Tensor:
         """Relevance (N,S,T) at node ``node`` (input of block ``node``; L = final stream) → node 0."""
@@ -106,16 +115,24 @@ class ViTSRD:
         return up * self.mu_pix[:, None], R0[..., :E]
 
     def class_relevance(self, target: Tensor, contrast: str = "mean") -> tuple[Tensor, int]:
-        """(R (N,T), node) of the logits ``target`` (N,) at the class-initialisation node, contrasted."""
+        """(R (N,T), node) of ⟨output, d⟩ at the class-initialisation node, contrasted. ``target``: class ids
+        (N,) (d one-hot) or directions d (N, K) in output space."""
         if self.trace.logits is None:
             raise SaeCafeError("ViTSRD was built with upto=...; class relevance needs the full forward")
-        R, node = class_relevance(self.spec, self.trace, target, self.last)
+        R, node = class_relevance(self.spec, self.trace, self.direction(target), self.last)
         if contrast == "mean":
             E = self.spec.n_prefix
             R = torch.cat([R[:, :E], R[:, E:] - R[:, E:].mean(1, keepdim=True)], 1)
         elif contrast not in ("none", None):
             raise SaeCafeError(f"unknown contrast {contrast!r}; use 'mean' or 'none'")
         return R, node
+
+    def direction(self, target: Tensor) -> Tensor:
+        """Output-space direction d (N, K): one-hot rows for class ids (N,), else ``target`` itself."""
+        out = self.trace.logits
+        if target.is_floating_point() and target.ndim == 2:
+            return target.to(device=out.device, dtype=out.dtype)
+        return torch.nn.functional.one_hot(target.to(out.device).long(), out.shape[1]).to(out.dtype)
 
 
 # ----- backend ----------------------------------------------------------------------------------------------
@@ -174,22 +191,38 @@ class ViTBackend(SRDBackend):
 
     def spec(self, x: Tensor, dtype: torch.dtype | None) -> tuple[Spec, Tensor, int]:
         """(spec, x on the spec's device/dtype, number of outputs); the functional forward is checked against
-        model(x[:1]) once per model, dtype and weights version."""
+        model(x[:1]) once per model, dtype, input grid (models taking several sizes) and weights version."""
         model = self.adapter.model
         p = next(model.parameters())
         dtype = dtype or p.dtype
+        grid = None
+        if getattr(model, "dynamic_img_size", False):
+            P = self.adapter.patch_size
+            if x.shape[-2] % P or x.shape[-1] % P:
+                raise MismatchError(f"{self.name}: image size {tuple(x.shape[-2:])} is not a multiple of the "
+                                    f"patch size {P}; resize or crop the images")
+            grid = (x.shape[-2] // P, x.shape[-1] // P)
+
+        def work() -> tuple[torch.nn.Module, int]:  # never touch the user's model
+            return (model if dtype == p.dtype else copy.deepcopy(model).to(dtype)), 0
 
         def build() -> tuple[Spec, int]:
-            work = model if dtype == p.dtype else copy.deepcopy(model).to(dtype)  # never touch the user's model
-            spec = make_spec(work)
+            w = cached_build(model, ("vit-work", dtype), work)[0]
+            spec = self.build_spec(w, grid)
             xs = x.to(device=p.device, dtype=dtype)
             check_input(spec, xs)
-            return spec, _verify(spec, work, xs[:1].detach())
+            return spec, _verify(spec, w, xs[:1].detach())
 
-        spec, n_out = cached_build(model, ("vit", dtype), build)
+        spec, n_out = cached_build(model, ("vit", dtype, grid), build)
+        self.headless = spec.headless
         x = x.to(device=p.device, dtype=dtype)
         check_input(spec, x)
         return spec, x, n_out
+
+    def build_spec(self, model: torch.nn.Module, grid: tuple[int, int] | None) -> Spec:
+        """The :class:`Spec` of ``model`` (the working copy in the compute dtype) for patch grid ``grid``.
+        Backends of other libraries' ViTs (``models/hf_vit.py``, ``models/openclip_vit.py``) override it."""
+        return make_spec(model, grid)
 
     def prepare(self, x, dtype):
         return self.spec(x, dtype)[2]
@@ -212,10 +245,8 @@ class ViTBackend(SRDBackend):
             E, (h, w) = spec.n_prefix, spec.grid
             by_node = {}
             L = len(spec.blocks)
-            if node < L:  # class-token head: the final stream holds the whole logit on the class token
-                top = torch.zeros_like(R)
-                top[:, 0] = srd.trace.logits.gather(1, t[:, None])[:, 0]
-                by_node[L] = top
+            if node < L:  # token readout: the final stream holds the output on the readout token(s)
+                by_node[L] = readout_values(spec, srd.trace, srd.direction(t))
             by_node[node] = R
             for k in range(node - 1, 0, -1):
                 R = (R[:, None] @ srd.M[k])[:, 0]
@@ -278,14 +309,15 @@ def vit_srd_sharing(adapter, x: Tensor, layer=None, dtype: torch.dtype | None = 
         return ViTSRD(spec, x, upto=upto)
 
 
-def vit_srd_saliency(adapter, x: Tensor, target, contrast: str = "mean", return_sink=False,
+def vit_srd_saliency(adapter, x: Tensor, target, contrast: str | None = None, return_sink=False,
                      differentiable: bool = False, dtype: torch.dtype | None = None):
-    """Class saliency maps (N,H,W) of logit ``target``; with ``return_sink`` also the sink (N,) or (N,E)."""
+    """Saliency maps (N,H,W) of logit ``target`` or of ⟨output, direction⟩ for a float ``target`` (K,) /
+    (N,K) (see :func:`sae_cafe.srd.srd_saliency`); with ``return_sink`` also the sink (N,) or (N,E)."""
     return srd_saliency(_vit(adapter)[0], x, target, contrast=contrast, differentiable=differentiable,
                         dtype=dtype, return_sink=return_sink)
 
 
-def vit_srd_relevance(adapter, x: Tensor, target, layers, contrast: str = "mean", return_sink=False,
+def vit_srd_relevance(adapter, x: Tensor, target, layers, contrast: str | None = None, return_sink=False,
                       dtype: torch.dtype | None = None):
     """Patch-token relevance {str(layer): (N,h,w)} at the output of each block in ``layers`` (keys as given,
     like the CNN engine). With ``return_sink`` returns (dict, {str(layer): (N,E) prefix-token relevance}).
