@@ -134,7 +134,17 @@ def cam_target_layer(adapter: ModelAdapter) -> tuple[str, Callable | None]:
         last = names[-1]
         stage = last.rsplit(".", 1)[0]
         # prefer the enclosing stage (``layer4``) when it is itself a PFV layer with the same output
-        return (stage if stage in names else last), None
+        layer = stage if stage in names else last
+        if type(adapter).to_pfv is ModelAdapter.to_pfv:
+            return layer, None
+        # a family whose maps are not (B, C, h, w) (e.g. Swin's channels-last stages): its own PFV layout
+
+        def to_bchw(t: torch.Tensor) -> torch.Tensor:
+            pfv = adapter.to_pfv(t, layer)
+            h, w = pfv.grid
+            return pfv.pfv.transpose(1, 2).reshape(t.shape[0], -1, h, w)
+
+        return layer, to_bchw
     layer = names[-2] if len(names) > 1 else names[-1]
     p = getattr(adapter, "num_prefix_tokens", 1)
 

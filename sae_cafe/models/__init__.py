@@ -4,7 +4,7 @@ The family modules register their adapters and named models with :mod:`.registry
 (a family imports the registry, never the reverse); a new family adds its module to the import below.
 """
 
-from . import cnn, mini, mobile, vit  # noqa: F401  (the families register themselves in .registry)
+from . import cnn, densenet, hf_vit, mini, mobile, mobilenet_regnet, openclip_vit, swin, timm_cnn, vit  # noqa: F401  (the families register themselves in .registry)
 from .base import LayerInfo, ModelAdapter, PFVBatch, grid_positions
 from .registry import (
     RegistryError,

@@ -7,15 +7,30 @@ from pathlib import Path
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("srd", help="SRD class saliency maps / iERFs of images, saved as PNG + safetensors")
-    p.add_argument("images", nargs="+", help="image files or folders")
-    p.add_argument("--model", required=True, help="registered model name (see sae_cafe.models.list_adapters)")
-    p.add_argument("--weights", default=None, help="local weights file (.pth/.safetensors); default: shipped/random")
-    p.add_argument("--target", type=int, default=None, help="class index (default: the predicted class)")
-    p.add_argument("--contrast", choices=["mean", "none"], default="mean")
-    p.add_argument("--ierf", default=None, metavar="LAYER:ROW:COL", help="also the iERF of this PFV")
-    p.add_argument("--layers", default="", help="comma-separated layers for hidden relevance maps")
-    p.add_argument("--out", default="indexes/srd", help="output folder")
+    from ..cli_help import DEVICE_HELP, MODEL_HELP, HelpFormatter
+
+    p = sub.add_parser("srd", help="SRD class saliency maps / iERFs of images, saved as PNG + safetensors",
+                       description="SRD saliency maps (and optionally hidden-layer relevance maps and the iERF of "
+                                   "one PFV) of images, written to OUT/maps.png and OUT/maps.safetensors.",
+                       formatter_class=HelpFormatter)
+    p.add_argument("images", nargs="+", help="image files or folders (folders are read recursively; unreadable "
+                   "files are skipped and reported)")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
+    p.add_argument("--weights", default=None, help="local weights file (.pth/.pt/.safetensors; nothing is "
+                   "downloaded). Default: the model's shipped weights (mini models), else random initialisation "
+                   "with a warning")
+    p.add_argument("--target", type=int, default=None, help="class index explained (default: each image's "
+                   "predicted class)")
+    p.add_argument("--contrast", choices=["mean", "none"], default="mean",
+                   help="'mean': relevance of the target against the mean of the other classes; 'none': the "
+                        "target logit alone")
+    p.add_argument("--ierf", default=None, metavar="LAYER:ROW:COL", help="also the iERF of the PFV at grid "
+                   "position (ROW, COL) of LAYER, e.g. layer3:4:5")
+    p.add_argument("--layers", default="", help="comma-separated layers for hidden relevance maps, e.g. "
+                   "layer2,layer3 (default: none)")
+    p.add_argument("--out", default="indexes/srd", help="output folder, relative to the working directory "
+                   "(default: indexes/srd); maps.png and maps.safetensors are (over)written there")
+    p.add_argument("--device", default=None, help=DEVICE_HELP)
     p.set_defaults(func=run)
 
 
@@ -28,7 +43,7 @@ def run(args: argparse.Namespace) -> int:
     from ..viz import save_map_grid
     from . import srd_ierf, srd_relevance, srd_saliency
 
-    adapter = load_model(args.model, weights=args.weights)
+    adapter = load_model(args.model, weights=args.weights, device=args.device)
     report = SkipReport()
     named = [item for src in args.images for item in iter_images(src, skip_bad=True, report=report)]
     if not named:
