@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import subprocess
+import os
 import sys
 from pathlib import Path
 
@@ -13,12 +13,18 @@ APP = Path(__file__).parent / "streamlit_app.py"
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from sae_cafe.cli_help import HelpFormatter
+
     p = subparsers.add_parser("view", help="browse artifacts in the Streamlit viewer (latents, images, concept "
-                              "graphs, metrics)")
+                              "graphs, metrics)", formatter_class=HelpFormatter,
+                              description="Start the Streamlit viewer on an artifact root or one run directory. "
+                                          "The command becomes the Streamlit server (same process id): stopping "
+                                          "it (Ctrl-C, or kill PID) stops the server.")
     p.add_argument("path", nargs="?", default="indexes",
-                   help="artifact root (lists its runs) or one run directory (default: indexes/)")
-    p.add_argument("--port", type=int, default=8501)
-    p.add_argument("--address", default="127.0.0.1", help="address to serve on (default 127.0.0.1)")
+                   help="artifact root (lists its runs) or one run directory (default: ./indexes)")
+    p.add_argument("--port", type=int, default=8501, help="port to serve on")
+    p.add_argument("--address", default="127.0.0.1", help="address to serve on; 0.0.0.0 exposes the viewer to "
+                   "the network")
     p.add_argument("--headless", action="store_true", help="do not open a browser")
     p.set_defaults(func=_view)
 
@@ -41,4 +47,10 @@ def _view(args) -> int:
     if not info.runs:
         raise ArtifactError(f"{args.path}: no runs found (a run holds world/, acts/, saes/, cafe/, icat/ or "
                             "saliency/); build one first, e.g. `sae-cafe make-world --run demo`")
-    return subprocess.call(command(args.path, args.port, args.address, args.headless))
+    cmd = command(args.path, args.port, args.address, args.headless)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # exec, not a child process: ``sae-cafe view``'s process id is the server's, so a signal to it (kill PID,
+    # Ctrl-C, a supervisor stopping it) reaches Streamlit itself and leaves no orphaned server behind
+    os.execv(cmd[0], cmd)
+    return 0  # not reached

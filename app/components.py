@@ -122,17 +122,18 @@ def upscale(img: np.ndarray, factor: int = 3) -> np.ndarray:
 
 
 def cafe_image(ctx: Ctx, cafe, image: int) -> np.ndarray | None:
-    """The RGB image ``image`` of a CAFE stage's source folder (only inside the root), at the input size."""
-    src = cafe.images.get("source")
+    """The RGB image ``image`` of a CAFE stage's source folder (inside the root, or the image folder the run
+    recorded), at the input size; None when it is not readable there."""
+    src = cafe.manifest.get("images_source") or cafe.images.get("source")
     if not src:
         return None
     try:
-        folder = D.inside(ctx.root, src)
-        path = D.confine(folder, cafe.images["names"][image])
+        folder = D.image_folder(ctx.root, src, D.run_image_folders(ctx.root, ctx.run))
+        path = D.image_file(folder, cafe.images["names"][image])
         if not path.exists():
             return None
         return resize_to(D.image_rgb(path), cafe.input_size)
-    except SaeCafeError:
+    except ERRORS:
         return None
 
 
@@ -177,8 +178,9 @@ def concept_card(ctx: Ctx, cafe_stage: Path, latent: int, n: int | None = None, 
                      caption=[f"#{rec.rank} {rec.image_name} · a={rec.activation:.2f} @({rec.row},{rec.col})",
                               "activation map", "iERF"], width=150)
         if missing:
-            st.warning("Some exemplar images are not readable inside the artifact root (the CAFE stage records "
-                       f"`{cafe.images.get('source')}`); grey placeholders are shown.")
+            st.warning("Some exemplar images are not readable inside the artifact root or the run's recorded image "
+                       f"folders (the CAFE stage records `{cafe.images.get('source')}`; moved or deleted?); grey "
+                       "placeholders are shown.")
     try:
         w = cafe.decoder["W_dec"][int(latent)][None]
         sims, nn_ids = cafe.decoder_index.search(w, 6)

@@ -1,7 +1,10 @@
 """Artifact access for the viewer: path confinement, upload checks and cached loaders.
 
 Everything the viewer reads goes through :func:`confine` (a pure function): paths are relative to the artifact
-root, never absolute, never contain ``..`` and never resolve (symlinks included) outside the root. Loaders
+root, never absolute, never contain ``..`` and never resolve (symlinks included) outside the root. The one
+allow-list beside the root: the image folders the run's stages recorded (``images_source`` of the CAFE
+manifests: a user's own images normally live outside the root), from which only image files are read, confined
+to the folder in the same way (:func:`image_folder`, :func:`image_file`). Loaders
 are cached with ``st.cache_resource`` (shared, read-only objects, never pickled) keyed by the path and the
 manifest's modification time, so a rebuilt stage is picked up.
 """
@@ -69,6 +72,50 @@ def inside(root: str | Path, path: str | Path) -> Path:
     if not (base / p).exists() and cwd_relative.exists() and base in cwd_relative.parents:
         return confine(base, cwd_relative.relative_to(base))
     return confine(base, p)
+
+
+def recorded_image_folders(manifests: list[dict], base: str | Path = ".") -> list[Path]:
+    """The image folders recorded by stage manifests (``images_source``), resolved (relative paths against
+    ``base``, the directory the stages were built from). Pure."""
+    out: list[Path] = []
+    for m in manifests:
+        src = m.get("images_source")
+        if src:
+            p = Path(src)
+            p = (p if p.is_absolute() else Path(base) / p).resolve()
+            if p not in out:
+                out.append(p)
+    return out
+
+
+def image_folder(root: str | Path, folder: str | Path, allowed: list[Path]) -> Path:
+    """A recorded image folder the viewer may read: inside the artifact root (:func:`inside`), or exactly one
+    of the ``allowed`` folders (the image folders the run's stages recorded, beside the root)."""
+    try:
+        return inside(root, folder)
+    except PathEscapeError:
+        p = Path(folder).resolve()
+        if p in allowed:
+            return p
+        raise PathEscapeError(f"{folder} lies outside the artifact root {Path(root).resolve()} and is not an image "
+                              "folder this run recorded; the viewer reads only those") from None
+
+
+def image_file(folder: Path, name: str | Path) -> Path:
+    """``folder / name`` for an image file: confined to ``folder`` (no ``..``, no symlink leaving it; an
+    absolute ``name`` only when it resolves inside ``folder``) and with an image extension."""
+    from sae_cafe.images import IMAGE_EXTENSIONS
+
+    if Path(name).is_absolute():  # a stage built from a list of image files records their full paths
+        try:
+            name = Path(name).resolve().relative_to(Path(folder).resolve())
+        except ValueError:
+            raise PathEscapeError(f"{name} lies outside the image folder {folder}") from None
+    p = confine(folder, name)
+    if p.suffix.lower() not in IMAGE_EXTENSIONS:
+        raise PathEscapeError(f"{name!r} is not an image file ({', '.join(IMAGE_EXTENSIONS)}); the viewer reads "
+                              "only images from image folders")
+    return p
 
 
 def check_upload(name: str, size: int, max_mb: float = MAX_UPLOAD_MB) -> None:
@@ -210,6 +257,17 @@ def partial_stages(root: Path, run: str, kind: str) -> list[str]:
     return out
 
 
+def run_image_folders(root: Path, run: str) -> list[Path]:
+    """The image folders the run's CAFE stages read (their manifests' ``images_source``)."""
+    found = []
+    for s in stages(root, run, "cafe"):
+        try:
+            found.append(manifest(s))
+        except SaeCafeError:
+            continue
+    return recorded_image_folders(found)
+
+
 def label(stage: Path, root: Path, run: str, kind: str) -> str:
     """``model/layer`` of a stage directory."""
     return str(stage.relative_to(confine(root, f"{run}/{kind}")))
@@ -275,21 +333,40 @@ def cafe(stage: Path):
 
 
 @cached_resource
-def load_model_cached(name: str):
-    import warnings
+def load_model_cached(name: str, weights: str | None, weights_sha256: str | None, state_sha256: str | None,
+                      stamp: tuple):
+    """The recorded model of a run (:func:`sae_cafe.model_record.load_from_record`, which checks the hash;
+    ``stamp``: the weights file's (mtime, size), part of the cache key so a changed file is checked again)."""
+    from sae_cafe.model_record import ModelRecord, load_from_record
 
-    from sae_cafe.models import load_model
+    rec = ModelRecord(name, weights, weights_sha256, weights_sha256 is None, state_sha256)
+    return load_from_record(rec, what=f"the run's {name}")
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return load_model(name)
+
+def run_model(root: Path, run: str, name: str):
+    """The model ``name`` exactly as the run built it (recorded constructor and weights, hash checked).
+
+    A run built from random (never saved) weights, a missing or changed weights file, or a run whose stages
+    record no model are clear errors (:class:`sae_cafe.model_record.ModelMismatchError` /
+    :class:`ArtifactError`): the viewer never substitutes a freshly initialised network.
+    """
+    from sae_cafe.model_record import ModelMismatchError, run_record
+
+    rec = run_record(confine(root, run), name)
+    if rec is None:
+        raise ModelMismatchError(f"run {run!r} does not record which weights {name} was built with (stages from "
+                                 "an older sae-cafe); rebuild its stages to run the model in the viewer")
+    st_ = Path(rec.weights).stat() if rec.weights and Path(rec.weights).exists() else None
+    stamp = (st_.st_mtime_ns, st_.st_size) if st_ else ()
+    return load_model_cached(rec.name, rec.weights, rec.weights_sha256, rec.state_sha256, stamp)
 
 
 @cached_resource
-def load_sae_cached(path: str, stamp: float, model_name: str, layer: str):
+def load_sae_cached(path: str, stamp: float, _adapter, model_key: str, layer: str):
+    """An SAE checked against the run's model (``model_key``: its weights fingerprint, the cache key)."""
     from sae_cafe.saes import load_sae
 
-    return load_sae(path, load_model_cached(model_name), layer)
+    return load_sae(path, _adapter, layer)
 
 
 def sae_dir_for(root: Path, run: str, cafe_stage: Path, model: str, layer: str) -> Path | None:

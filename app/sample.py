@@ -52,7 +52,7 @@ def build_sample_run(root: str | Path, run: str = "tiny", n: int = 24, model: st
         m = 4
         res = run_saliency_benchmark(ad, ad.preprocess(list(w.images[:m])), w.instance[:m] == 1,
                                      torch.as_tensor(w.labels[:m]), ["srd", "saliency"],
-                                     BenchmarkConfig(n_fidelity=1, n_subsets=8, n_noise=2, steps=4), progress=False)
+                                     BenchmarkConfig(n_fidelity=1, n_subsets=8, n_noise=2, steps=16), progress=False)
         write_saliency_benchmark(res, stage_path(run, "saliency", ad.name, root=root))
     return root / run
 

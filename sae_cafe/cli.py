@@ -26,6 +26,10 @@ def build_parser() -> argparse.ArgumentParser:
                 continue  # plugin module not present in this build
             raise
         register(sub)
+    from .cli_help import HelpFormatter
+
+    for sp in sub.choices.values():  # every subcommand shows each default once (sae_cafe.cli_help)
+        sp.formatter_class = HelpFormatter
     return parser
 
 

@@ -351,7 +351,8 @@ def _train(reader: ShardReader, final: Path, tmp: Path, config: SAETrainConfig, 
     atomic_write_json(tmp / "training.json", train_metrics)
     write_manifest(tmp, "saes", config, upstream={"acts": reader.directory}, model=reader.model,
                    layer=reader.layer, d_in=reader.d_in, d_sae=sae.cfg.d_sae, architecture=config.architecture,
-                   weights_hash=reader.weights_hash, dataset=dataset_name, train_images=list(train_rng),
+                   weights_hash=reader.weights_hash, model_record=reader.manifest.get("model_record"),
+                   dataset=dataset_name, train_images=list(train_rng),
                    held_out_images=list(held_rng), sae_lens_files=["cfg.json", "sae_weights.safetensors"],
                    training={k: v for k, v in train_metrics.items() if k != "history"}, run_key=key)
     _publish(tmp, final)

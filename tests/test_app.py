@@ -190,6 +190,65 @@ def test_image_explorer_runs_model_only_on_request(sample_root, monkeypatch):
     assert len(frame(at, "hits")) >= 1
 
 
+def test_image_explorer_uses_the_runs_weights_and_refuses_others(sample_root, tmp_path, monkeypatch):
+    """The model the explorer runs is the run's recorded model with its weights file (not the shipped or a
+    random network); a changed weights file or a random-weights run is refused with a message."""
+    import torch
+    from PIL import Image
+
+    from sae_cafe.artifacts import hash_file
+    from sae_cafe.model_record import record_for
+    from sae_cafe.models import load_model
+
+    run = tmp_path / "idx" / "tiny"
+    for kind in ("world", "cafe"):
+        shutil.copytree(sample_root / "tiny" / kind, run / kind)
+    g = torch.Generator().manual_seed(0)
+    sd = {k: v + 0.3 * v.std() * torch.randn(v.shape, generator=g) if k.endswith(("weight", "bias")) else v
+          for k, v in load_model("mini_resnet").model.state_dict().items()}  # a user's own (fine-tuned) weights
+    w = tmp_path / "user.pth"
+    torch.save(sd, w)
+    own = load_model("mini_resnet", weights=w)
+
+    def set_record(rec: dict) -> None:
+        for mf in (run / "cafe").glob("*/*/manifest.json"):
+            m = json.loads(mf.read_text())
+            m["model_record"] = rec
+            mf.write_text(json.dumps(m))
+
+    set_record(record_for(own).to_json())
+    at = page(tmp_path / "idx", "images", monkeypatch)
+    ok(at)
+    at.button(key="ie_run").click().run(timeout=TIMEOUT)
+    ok(at)
+    pred = frame(at, "probability")
+    first = json.loads((run / "world" / "labels.json").read_text())[0]
+    x = own.preprocess(Image.open(run / "world" / first["file"]).convert("RGB"))
+    with torch.no_grad():
+        p = torch.softmax(own(x), 1)[0]
+    top = torch.argsort(p, descending=True)[:5].tolist()
+    assert list(pred["class"]) == [own.class_names[c] for c in top]
+    assert list(pred["probability"]) == [round(float(p[c]), 4) for c in top]
+    shipped = load_model("mini_resnet")
+    with torch.no_grad():
+        assert torch.argsort(torch.softmax(shipped(x), 1)[0], descending=True)[:5].tolist() != top or \
+            not torch.allclose(torch.softmax(shipped(x), 1)[0], p)
+    # the weights file changed since the run was built: refused, both hashes named, nothing runs
+    recorded = hash_file(w)
+    torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in sd.items()}, w)
+    at = page(tmp_path / "idx", "images", monkeypatch)
+    assert not at.exception
+    msg = " ".join(m.value for m in at.warning)
+    assert recorded in msg and hash_file(w) in msg
+    assert not [b for b in at.button if b.key == "ie_run"]
+    # a run built from random weights that were never saved: refused, never a fresh random network
+    set_record({"name": "mini_resnet", "weights": None, "weights_sha256": None, "random_weights": True,
+                "state_sha256": "0" * 64})
+    at = page(tmp_path / "idx", "images", monkeypatch)
+    assert not at.exception and any("never saved" in m.value for m in at.warning)
+    assert not [b for b in at.button if b.key == "ie_run"]
+
+
 def test_concept_graph_matches_json(sample_root, monkeypatch):
     stage = sample_root / "tiny" / "icat" / "mini_resnet"
     at = page(sample_root, "graph", monkeypatch)
@@ -267,13 +326,59 @@ def test_missing_and_partial_artifacts_give_messages(sample_root, tmp_path, monk
     assert not at.exception and any("No runs" in i.value for i in at.info)
 
 
-def test_images_outside_the_root_are_not_read(sample_root, tmp_path, monkeypatch):
-    """A CAFE stage whose recorded image folder lies outside the root: placeholders and a warning."""
+def test_recorded_image_folders_outside_the_root_are_read(sample_root, tmp_path, monkeypatch):
+    """A CAFE stage whose recorded image folder lies outside the root (the normal case for a user's own images):
+    the exemplar images are shown and listed under "pick from the run"; a folder that is gone gives
+    placeholders and a warning."""
     root = tmp_path / "idx" / "tiny"
-    shutil.copytree(sample_root / "tiny" / "cafe", root / "cafe")  # its images.json points at sample_root
+    shutil.copytree(sample_root / "tiny" / "cafe", root / "cafe")  # its images_source points at sample_root
     at = page(tmp_path / "idx", "latents", monkeypatch)
+    ok(at)
+    assert not any("not readable" in w.value for w in at.warning)
+    at = page(tmp_path / "idx", "images", monkeypatch)
+    ok(at)
+    names = json.loads((root / "cafe" / "mini_resnet" / "layer3" / "images.json").read_text())["names"]
+    options = at.selectbox(key="ie_pick").options
+    assert len(options) == len(names) and options[0].startswith(names[0])
+    # the same stage whose recorded folder no longer exists: grey placeholders and a warning
+    moved = tmp_path / "idx2" / "tiny"
+    shutil.copytree(sample_root / "tiny" / "cafe", moved / "cafe")
+    for mf in (moved / "cafe").glob("*/*/manifest.json"):
+        m = json.loads(mf.read_text())
+        m["images_source"] = str(tmp_path / "gone")
+        mf.write_text(json.dumps(m))
+    at = page(tmp_path / "idx2", "latents", monkeypatch)
     assert not at.exception
-    assert any("not readable inside the artifact root" in w.value for w in at.warning)
+    assert any("not readable" in w.value for w in at.warning)
+
+
+def test_image_folder_allow_list_and_confinement(tmp_path):
+    root, photos, other = tmp_path / "root", tmp_path / "photos", tmp_path / "other"
+    for d in (root, photos / "cat", other):
+        d.mkdir(parents=True)
+    (photos / "cat" / "a.png").write_bytes(b"x")
+    (other / "secret.png").write_bytes(b"x")
+    (other / "notes.txt").write_text("x")
+    (photos / "cat" / "link.png").symlink_to(other / "secret.png")  # a link out of the recorded folder
+    (photos / "escape").symlink_to(other)
+    allowed = D.recorded_image_folders([{"images_source": str(photos)}, {"images_source": None}, {}])
+    assert allowed == [photos.resolve()]
+    folder = D.image_folder(root, str(photos), allowed)
+    assert folder == photos.resolve()
+    assert D.image_file(folder, "cat/a.png") == (photos / "cat" / "a.png").resolve()
+    assert D.image_file(folder, str(photos / "cat" / "a.png")) == (photos / "cat" / "a.png").resolve()
+    with pytest.raises(D.PathEscapeError, match="not an image folder this run recorded"):
+        D.image_folder(root, str(other), allowed)
+    with pytest.raises(D.PathEscapeError, match="not an image folder this run recorded"):
+        D.image_folder(root, str(photos / ".." / "other"), allowed)
+    for bad in ("../other/secret.png", "cat/../../other/secret.png", "/etc/passwd", str(other / "secret.png")):
+        with pytest.raises(D.PathEscapeError):
+            D.image_file(folder, bad)
+    for link in ("cat/link.png", "escape/secret.png"):
+        with pytest.raises(D.PathEscapeError, match="leaves"):
+            D.image_file(folder, link)
+    with pytest.raises(D.PathEscapeError, match="not an image file"):
+        D.image_file(D.image_folder(root, str(other), [other.resolve()]), "notes.txt")
 
 
 def test_stage_listing_ignores_links_out_of_the_root(tmp_path):

@@ -8,18 +8,16 @@ import json
 import numpy as np
 import pytest
 import torch
+from sae_lens import TopKSAE, TopKSAEConfig
 from torch import nn
 
-pytest.importorskip("sae_cafe.srd", reason="CAFE anchoring needs SRD (sae_cafe.srd)")
-
-from sae_lens import TopKSAE, TopKSAEConfig  # noqa: E402
-
-from sae_cafe.artifacts import read_manifest  # noqa: E402
-from sae_cafe.cafe import build_cafe, concept_card, load_cafe, query  # noqa: E402
-from sae_cafe.cafe.metrics import concentration_summary, label_faithfulness, purity_summary  # noqa: E402
-from sae_cafe.errors import MismatchError  # noqa: E402
-from sae_cafe.models import make_adapter  # noqa: E402
-from sae_cafe.world import generate  # noqa: E402
+import sae_cafe.srd  # noqa: F401  (CAFE anchoring needs SRD: a broken import fails here, never skips)
+from sae_cafe.artifacts import read_manifest
+from sae_cafe.cafe import build_cafe, concept_card, load_cafe, query
+from sae_cafe.cafe.metrics import concentration_summary, label_faithfulness, purity_summary
+from sae_cafe.errors import MismatchError
+from sae_cafe.models import make_adapter
+from sae_cafe.world import generate
 
 torch.set_num_threads(1)
 
@@ -189,3 +187,42 @@ def test_actmap_seeding_sums_to_one_and_differs_from_pfv_seeding(world):
         assert torch.allclose(sums[fired if m == "actmap" else slice(None)], torch.ones(3)[
             fired if m == "actmap" else slice(None)], atol=2e-3), m
     assert not torch.allclose(out["pfv"]["ierf16"].float(), out["actmap"]["ierf16"].float())
+
+
+def _class_push_reference(adapter, sae, layer, x):
+    """The slow reference: one forward from ``layer`` per latent with its decoder direction at every position,
+    minus the forward with zeros (float64)."""
+    act = adapter.capture(x, [layer], stop_early=True)[layer]
+    batch = adapter.to_pfv(act)
+
+    def f(pfv):
+        b = type(batch)(pfv, batch.positions, batch.grid, batch.extra)
+        return adapter.forward_from(layer, adapter.from_pfv(b), x)
+
+    f0 = f(torch.zeros_like(batch.pfv))
+    W = sae.W_dec.detach().to(batch.pfv)
+    return torch.cat([f(W[s].expand_as(batch.pfv).clone()) - f0 for s in range(W.shape[0])])
+
+
+@pytest.mark.parametrize("which", ["sequential", "resnet"])
+def test_class_push_equals_the_per_latent_forward_in_float64(which):
+    from sae_cafe.cafe.build import class_push
+    from tests.tiny_models import tiny_resnet
+
+    ad, layer, d_in = (tiny_adapter(), "7", 16) if which == "sequential" else (tiny_resnet(), "layer4", 512)
+    ad.model.double()
+    sae = tiny_sae(d_in=d_in, d_sae=24, k=3, seed=1).double()
+    with torch.no_grad():
+        sae.W_dec.normal_()
+    torch.manual_seed(2)
+    x = torch.randn(1, 3, 32, 32, dtype=torch.float64)
+    with torch.no_grad():
+        ref = _class_push_reference(ad, sae, layer, x)
+    got = class_push(ad, sae, layer, x)
+    assert got is not None and got.shape == ref.shape == (24, 5)
+    assert ref.abs().max() > 1e-3  # a push that is not trivially zero
+    torch.testing.assert_close(got.double(), ref, rtol=1e-5, atol=1e-6 * float(ref.abs().max()))
+    # a layer under a non-linear head has no push (the linearity test refuses it)
+    if which == "resnet":
+        sae3 = tiny_sae(d_in=256, d_sae=8, k=3).double()
+        assert class_push(ad, sae3, "layer3", x) is None

@@ -16,27 +16,46 @@ from app import data as D  # noqa: E402
 N_LATENTS = 5
 
 
-def image_choices(ctx) -> list[tuple[str, Path]]:
-    """(label, path) of the run's images: the exported world, else the CAFE stages' image folders."""
+def image_choices(ctx, limit: int = 500) -> list[tuple[str, Path]]:
+    """(label, path) of the run's images: the exported concept world, then the images the CAFE stages read
+    (the user's folders, inside the root or recorded by the run)."""
     out = []
     world = ctx.stages("world")
     if world:
         try:
-            for r in D.json_file(world[0] / "labels.json")[:500]:
+            for r in D.json_file(world[0] / "labels.json")[:limit]:
                 out.append((f"{r['id']} · {r['class_name']}", D.confine(world[0], r["file"])))
         except C.ERRORS as e:
             C.show_error(e, "list the world images")
-    return out
+    seen = {p for _, p in out}
+    allowed = D.run_image_folders(ctx.root, ctx.run)
+    for s in ctx.stages("cafe"):
+        try:
+            m = D.manifest(s)
+            info = D.json_file(s / "images.json")
+            src = m.get("images_source") or info.get("source")
+            if not src:
+                continue
+            folder = D.image_folder(ctx.root, src, allowed)
+            for name in info.get("names", [])[:limit]:
+                p = D.image_file(folder, name)
+                if p not in seen and p.exists():
+                    seen.add(p)
+                    out.append((f"{p.relative_to(folder)} · {folder.name}", p))
+        except C.ERRORS as e:
+            C.show_error(e, f"list the images of {ctx.label(s, 'cafe')}")
+    return out[:2 * limit]
 
 
-def analyse(model_name: str, pil, stage: Path | None, sae_dir: Path | None) -> dict:
-    """Run the model on one image: prediction, SRD saliency and relevance, active latents and their iERFs."""
+def analyse(ad, pil, stage: Path | None, sae_dir: Path | None) -> dict:
+    """Run the run's model ``ad`` on one image: prediction, SRD saliency and relevance, active latents and
+    their iERFs."""
     import torch
 
-    from sae_cafe.cafe.anchor import encode_layer, upsample_map
+    from sae_cafe.cafe.anchor import upsample_map
+    from sae_cafe.saes import encode_images
     from sae_cafe.srd import srd_ierf_from_relevance, srd_relevance, srd_saliency
 
-    ad = D.load_model_cached(model_name)
     x = ad.preprocess(pil)
     with torch.no_grad():
         p = torch.softmax(ad(x), 1)[0]
@@ -56,8 +75,8 @@ def analyse(model_name: str, pil, stage: Path | None, sae_dir: Path | None) -> d
     out["relevance"] = {k: upsample_map(v, img.shape[:2])[0].numpy() for k, v in rel.items()}
     if stage is not None and sae_dir is not None:
         layer = D.manifest(stage)["layer"]
-        sae = D.load_sae_cached(str(sae_dir), D.mtime(sae_dir), model_name, layer)
-        _, lat, grid = encode_layer(ad, sae, layer, x)
+        sae = D.load_sae_cached(str(sae_dir), D.mtime(sae_dir), ad, ad.weights_hash or "", layer)
+        _, lat, grid = encode_images(sae, ad, layer, x)
         best = lat[0].amax(0)
         lats = [s for s in torch.argsort(best, descending=True)[:N_LATENTS].tolist() if best[s] > 0]
         if lats:
@@ -89,6 +108,13 @@ if ctx and ctx.run:
         if sae_dir is None:
             st.warning(f"No SAE found for {m['model']}/{m['layer']} inside the artifact root "
                        f"(`saes/{m['model']}/{m['layer']}` or the CAFE manifest's sae_path); latents are off.")
+    model, model_error = None, None
+    if model_name is not None:
+        try:
+            model = D.run_model(ctx.root, ctx.run, model_name)
+        except C.ERRORS as e:
+            model_error = str(e)
+            st.warning(f"The model is not run in the viewer: {e}")
     choices = image_choices(ctx)
     mode = st.radio("image", ["pick from the run", "upload"], horizontal=True, key="ie_mode",
                     index=0 if choices else 1)
@@ -114,16 +140,19 @@ if ctx and ctx.run:
         except C.ERRORS as e:
             C.show_error(e, f"read {path.name}")
     else:
-        st.info("This run has no exported world images to pick from; upload an image instead.")
+        st.info("This run has no images to pick from (no exported world, and the CAFE stages' image folders are "
+                "not readable); upload an image instead.")
     if pil is not None:
         st.image(C.upscale(np.asarray(pil.convert("RGB"))) if max(pil.size) <= 128 else pil,
                  caption=f"{pil.size[0]}×{pil.size[1]} px", width=220)
         if model_name is None:
             st.info("No model recorded in this run (no CAFE, ICAT or saliency stage).")
+        elif model is None:
+            st.info(f"Prediction, saliency, latents and query need the run's own {model_name} ({model_error}).")
         elif st.button(f"Run {model_name} on this image", key="ie_run", type="primary"):
             try:
                 with st.spinner("prediction, SRD saliency, relevance, latents…"):
-                    st.session_state["ie_result"] = (key, str(stage), analyse(model_name, pil, stage, sae_dir))
+                    st.session_state["ie_result"] = (key, str(stage), analyse(model, pil, stage, sae_dir))
             except C.ERRORS as e:
                 C.show_error(e, f"run {model_name}")
         res = st.session_state.get("ie_result")
@@ -146,7 +175,7 @@ if ctx and ctx.run:
                     st.image([C.upscale(C.overlay(r["image"], item["act"], "viridis")),
                               C.upscale(C.overlay(r["image"], item["ierf"], "jet"))],
                              caption=[f"latent {item['latent']} · a={item['activation']:.2f}", "iERF"], width=170)
-        if stage is not None and sae_dir is not None:
+        if stage is not None and sae_dir is not None and model is not None:
             st.subheader("Query the index by example")
             W, H = pil.size
             c = st.columns(4)
@@ -157,8 +186,8 @@ if ctx and ctx.run:
 
                 try:
                     m = D.manifest(stage)
-                    ad = D.load_model_cached(m["model"])
-                    sae = D.load_sae_cached(str(sae_dir), D.mtime(sae_dir), m["model"], m["layer"])
+                    ad = model
+                    sae = D.load_sae_cached(str(sae_dir), D.mtime(sae_dir), ad, ad.weights_hash or "", m["layer"])
                     full = box == (0, 0, W, H)
                     with st.spinner("querying…"):
                         qr = query(D.cafe(stage), ad, sae, pil, box=None if full else box, k_latents=8)
@@ -174,3 +203,5 @@ if ctx and ctx.run:
                               for mm in q["matches"]], hide_index=True, key="ie_matches")
                 if q["matches"]:
                     C.concept_card(ctx, stage, q["matches"][0]["latent"], n=4, key="ie_card")
+    from app.what_if import what_if_panel  # noqa: E402
+    what_if_panel(ctx, stage, sae_dir, model, pil, key)

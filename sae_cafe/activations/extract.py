@@ -35,6 +35,7 @@ from ..artifacts import (
 from ..errors import ArtifactError, ImageReadError, SaeCafeError, UnsupportedModuleError
 from ..image_source import ImageSource
 from ..images import SkipReport
+from ..model_record import record_for
 from ..models import ModelAdapter, get_adapter
 from ..srd import srd_relevance
 from .shards import CANONICAL_DTYPE, IMAGES_FILE, ShardReader, ShardWriter, parse_dtype, write_progress
@@ -296,6 +297,7 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
         write_manifest(
             tmp, "acts", dataclasses.replace(cfg, layers=[n]), upstream=_upstream(source),
             model=adapter.name, family=adapter.family, weights_hash=adapter.weights_hash, layer=n,
+            model_record=record_for(adapter).to_json(),
             d_in=info.channels, grid=list(info.grid), layer_kind=info.kind,
             pfv_layout={"rows": "positions of the layer grid, row-major per image" +
                         ("; prefix (class/register) tokens with row=-1, col=token index" if cfg.include_cls

@@ -17,7 +17,8 @@ import math
 
 import torch
 
-from .anchor import encode_layer, unpack_maps, upsample_map
+from ..saes import encode_images
+from .anchor import unpack_maps, upsample_map
 
 
 def top_mass_share(maps_EHW: torch.Tensor, frac: float = 0.1) -> torch.Tensor:
@@ -107,7 +108,7 @@ def label_faithfulness(cafe, model, sae, images, ids: list[int] | None = None, b
         lat, pos = ex["ex_latent"][b], ex["ex_pos"][b]
         out = []
         for xx in (x, xa, xb):
-            _, acts, _ = encode_layer(adapter, sae, cafe.layer, xx.to(adapter.device))
+            _, acts, _ = encode_images(sae, adapter, cafe.layer, xx.to(adapter.device))
             out.append(acts.cpu()[torch.arange(len(b)), pos, lat])
         a0s.append(out[0])
         das.append(out[0] - out[1])

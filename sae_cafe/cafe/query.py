@@ -9,8 +9,10 @@ import torch
 
 from ..errors import SaeCafeError
 from ..images import to_pil
+from ..model_record import check_model, read_record
 from ..models import get_adapter
-from .anchor import IerfFn, compute_ierfs, default_ierf_fn, encode_layer
+from ..saes import encode_images
+from .anchor import IerfFn, compute_ierfs, default_ierf_fn
 from .store import Cafe, load_cafe
 
 
@@ -92,9 +94,15 @@ def query(cafe: Cafe | str | Path, model, sae, image: object, box=None, k_latent
         box: (x0, y0, x1, y1) or "x0,y0,x1,y1" in original-image pixels; PFVs whose positive iERF mass lies
             ≥ ``min_inside`` inside it are used (all PFVs without a box).
         n_neighbours: nearest exemplar PFVs retrieved per selected PFV.
+
+    ``model`` must be the model the stage was built with (its recorded weights; see
+    :mod:`sae_cafe.model_record`), else :class:`~sae_cafe.model_record.ModelMismatchError`.
     """
     cafe = cafe if isinstance(cafe, Cafe) else load_cafe(cafe)
     adapter = get_adapter(model)
+    rec = read_record(cafe.manifest, str(cafe.path))
+    if rec is not None:  # the stage's own model and weights only (ModelMismatchError naming both hashes)
+        check_model(rec, adapter, f"the CAFE stage {cafe.path}")
     layer = cafe.layer
     box = _parse_box(box)
     if isinstance(image, torch.Tensor) and image.ndim == 4:
@@ -104,7 +112,7 @@ def query(cafe: Cafe | str | Path, model, sae, image: object, box=None, k_latent
         pil = to_pil(image) if not isinstance(image, (str, Path)) else to_pil(Path(image))
         x = adapter.preprocess(pil)
         in_box = box_to_input(adapter, box, pil.size) if box is not None else None
-    pfv, lat, grid = encode_layer(adapter, sae, layer, x)
+    pfv, lat, grid = encode_images(sae, adapter, layer, x)
     pfv, lat = pfv[0].cpu(), lat[0].cpu()
     N = pfv.shape[0]
     inside = None

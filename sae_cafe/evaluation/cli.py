@@ -47,7 +47,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--definitions", choices=("both", "source", "paper"), default="both",
                    help="metric definition set(s) (docs/metrics.md); 'both' derives both from one set of maps "
                         "(table.csv = source; table_source.csv and table_paper.csv) (default both)")
-    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
     p.set_defaults(func=_benchmark)
 
 

@@ -8,34 +8,34 @@ from pathlib import Path
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:
+    from ..cli_help import HelpFormatter, add_common
+
     g = subparsers.add_parser("graph", help="ICAT concept graphs, dominant routes and case studies "
-                                            "→ indexes/<run>/icat/<model>/")
-    g.add_argument("--run", default="demo", help="run name (default: demo)")
-    g.add_argument("--model", required=True, help="registered model name (e.g. mini_resnet)")
-    g.add_argument("--weights", default=None, help="local weights file (default: the model's shipped weights)")
-    g.add_argument("--root", default=None, help="artifact root (default indexes/ or $SAE_CAFE_ROOT)")
+                                            "→ <root>/<run>/icat/<model>/", formatter_class=HelpFormatter)
+    add_common(g)
     g.add_argument("--layers", nargs="*", default=None,
-                   help="analysed layers (default: every SAE under <run>/saes/<model>/)")
+                   help="analysed layers (default: every SAE under <root>/<run>/saes/<model>/)")
     g.add_argument("--images", default=None,
-                   help="image folder (ImageFolder class names = labels); default: the run's concept world")
-    g.add_argument("--n-images", type=int, default=240, help="images to use (default 240)")
-    g.add_argument("--per-class", type=int, default=16, help="images per class graph (default 16)")
-    g.add_argument("--classes", type=int, nargs="*", default=None, help="class graphs to build (default all)")
-    g.add_argument("--method", default="ig", choices=("ig", "grad", "grad_x_input", "ablation", "random"))
-    g.add_argument("--steps", type=int, default=32, help="IG steps (default 32)")
-    g.add_argument("--baseline", default="zeros", choices=("zeros", "mean"))
-    g.add_argument("--top-k", type=int, default=5, help="parents kept per node (default 5)")
-    g.add_argument("--max-nodes", type=int, default=8, help="nodes kept per layer (default 8)")
-    g.add_argument("--attack", default="pgd", choices=("pgd", "fgsm"))
-    g.add_argument("--eps", type=float, default=8.0, help="attack ε in grey levels /255 (default 8)")
+                   help="image folder (ImageFolder class names = labels, or flat: the model's predictions "
+                        "become labels); default: the run's concept world <root>/<run>/world")
+    g.add_argument("--n-images", type=int, default=240, help="images to use (the first N)")
+    g.add_argument("--per-class", type=int, default=16, help="images per class graph")
+    g.add_argument("--classes", type=int, nargs="*", default=None, help="class graphs to build (default: all)")
+    g.add_argument("--method", default="ig", choices=("ig", "grad", "grad_x_input", "ablation", "random"),
+                   help="attribution method of the graph edges")
+    g.add_argument("--steps", type=int, default=32, help="IG steps")
+    g.add_argument("--baseline", default="zeros", choices=("zeros", "mean"), help="IG baseline")
+    g.add_argument("--top-k", type=int, default=5, help="parents kept per node")
+    g.add_argument("--max-nodes", type=int, default=8, help="nodes kept per layer")
+    g.add_argument("--attack", default="pgd", choices=("pgd", "fgsm"), help="attack of the adversarial case")
+    g.add_argument("--eps", type=float, default=8.0, help="attack ε in grey levels /255")
     g.add_argument("--no-cases", action="store_true", help="skip the case studies")
     g.set_defaults(func=_graph)
 
-    r = subparsers.add_parser("routes", help="print the dominant routes and case studies of an ICAT stage")
-    r.add_argument("--run", default="demo")
-    r.add_argument("--model", required=True)
-    r.add_argument("--root", default=None)
-    r.add_argument("--class", dest="cls", type=int, default=None, help="only this class")
+    r = subparsers.add_parser("routes", help="print the dominant routes and case studies of an ICAT stage",
+                              formatter_class=HelpFormatter)
+    add_common(r, weights=False, device=False)
+    r.add_argument("--class", dest="cls", type=int, default=None, help="only this class (default: all)")
     r.add_argument("--json", action="store_true", help="print JSON")
     r.set_defaults(func=_routes)
 
@@ -44,8 +44,8 @@ def _load_images(args, adapter):
     import torch
 
     from ..artifacts import run_dir
-    from ..errors import SaeCafeError
     from ..images import iter_image_files, load_image
+    from ..labels import class_names_for, resolve_labels
 
     if args.images is None:
         from ..world import load_world
@@ -57,27 +57,24 @@ def _load_images(args, adapter):
         return adapter.preprocess(imgs), labels
     files = iter_image_files(args.images)[:args.n_images]
     x = adapter.preprocess([load_image(p) for p, _ in files])
-    names = adapter.class_names or []
-    if all(c in names for _, c in files):
-        labels = torch.tensor([names.index(c) for _, c in files])
-    else:
-        if any(c is not None for _, c in files):
-            raise SaeCafeError(f"{args.images}: class folders {sorted({c for _, c in files})[:5]}… are not "
-                               f"classes of {adapter.name}; use a flat folder (predictions become labels)")
-        with torch.no_grad():
-            labels = adapter(x).argmax(1)
-    return x, labels
+    classes = [c for _, c in files]
+    mode = "predicted" if all(c is None for c in classes) else "class_names"
+    with torch.no_grad():  # the one label policy: class folders must be the model's class names
+        lab = resolve_labels(mode, classes, class_names_for(adapter), predict=lambda: adapter(x).argmax(1),
+                             model=adapter.name, where=str(args.images), num_classes=adapter.num_classes)
+    print(f"note: {lab.decision.note}")
+    return x, torch.tensor(lab.ids)
 
 
 def _graph(args) -> int:
-    from ..artifacts import is_finished, stage_path
+    from ..artifacts import is_finished, run_dir, stage_path
     from ..errors import ArtifactError
-    from ..models import load_model
+    from ..model_record import resolve_run_model
     from ..saes import load_sae
     from .graph import GraphConfig
     from .pipeline import ICATConfig, build_icat, order_layers
 
-    adapter = load_model(args.model, args.weights)
+    adapter = resolve_run_model(run_dir(args.run, args.root), args.model, args.weights, args.device)
     sae_root = stage_path(args.run, "saes", args.model, root=args.root)
     if args.layers:
         layers = [adapter.resolve_layer(n) for n in args.layers]

@@ -22,6 +22,8 @@ from tqdm import tqdm
 
 from ..artifacts import atomic_write_json, stage_dir, stage_path, write_manifest
 from ..errors import SaeCafeError
+from ..model_record import KEY as MODEL_RECORD
+from ..model_record import record_for
 from ..models import get_adapter
 from .adversarial import fgsm, pgd
 from .figures import case_figure, graph_figure
@@ -172,5 +174,6 @@ def build_icat(model, saes: dict, images, labels, run: str, root: str | Path | N
             cases = case_studies(adapter, saes, x, labels, cfg, tmp / "cases", pred)
         write_manifest(tmp, "icat", asdict(cfg), upstream, model=name, layers=cfg.layers,
                        n_images=len(x), accuracy=float((pred == labels).float().mean()),
-                       classes=list(routes), cases=sorted(cases))
+                       classes=list(routes), cases=sorted(cases),
+                       **{MODEL_RECORD: record_for(adapter).to_json()})
     return final
