@@ -5,33 +5,58 @@ convnext_tiny``) at 224×224 with random weights:
 seconds per image of SRD saliency, the ratio to forward + input-gradient of the same batch (parameters
 frozen), and 64 seeds through srd_ierf_from_relevance vs 64 separate srd_ierf calls. All ratios are
 measured in one process, interleaved, best of ``--repeat`` runs.
+
+``--batches 1,4`` overrides the batch sizes; ``--post-forms triangular,sliced`` times ConvNeXt's depthwise-path
+rule (:mod:`sae_cafe.srd.rules_post`) in each form on the same batch, in the same process (``sliced`` is the
+form used before the triangular one); ``--no-seeds`` skips the seed comparison. Besides wall-clock seconds,
+the ratio of process CPU seconds is printed (``cpu ratio``): on a machine shared with other jobs it moves
+less than the wall-clock ratio.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
 import time
 import warnings
 
 import torch
 import torchvision
 
+import sae_cafe.srd.rules_post as rules_post
 from sae_cafe.srd import srd_ierf, srd_ierf_from_relevance, srd_saliency
 
 warnings.filterwarnings("ignore")
 
 
-def best_time(fn, repeat: int, device: str) -> float:
-    times = []
+def best_time(fn, repeat: int, device: str, cpu: list | None = None) -> float:
+    """Best wall-clock seconds of ``repeat`` runs; the best process CPU seconds are appended to ``cpu``."""
+    times, cpus = [], []
     for _ in range(repeat):
         if device == "cuda":
             torch.cuda.synchronize()
-        t = time.perf_counter()
+        t, c = time.perf_counter(), time.process_time()
         fn()
         if device == "cuda":
             torch.cuda.synchronize()
         times.append(time.perf_counter() - t)
+        cpus.append(time.process_time() - c)
+    if cpu is not None:
+        cpu.append(min(cpus))
     return min(times)
+
+
+@contextlib.contextmanager
+def post_form(form: str | None):
+    """Force the depthwise + post-matrix rule's form (``None``: the library's choice)."""
+    orig = rules_post.post_branch_mu
+    if form is not None:
+        rules_post.post_branch_mu = functools.partial(orig, form=form)
+    try:
+        yield
+    finally:
+        rules_post.post_branch_mu = orig
 
 
 def fwd_bwd(model, x, target):
@@ -39,14 +64,21 @@ def fwd_bwd(model, x, target):
     model(xg)[:, target].sum().backward()
 
 
-def bench(name: str, batch: int, layer: str, repeat: int, device: str, seeds: int, separate: int) -> dict:
+def bench(name: str, batch: int, layer: str, repeat: int, device: str, seeds: int, separate: int,
+          form: str | None = None) -> dict:
     model = getattr(torchvision.models, name)().eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.randn(batch, 3, 224, 224, device=device)
     srd_saliency(model, x, 1)  # builds and verifies the stage graph once
-    t_srd = best_time(lambda: srd_saliency(model, x, 1), repeat, device)
-    t_ref = best_time(lambda: fwd_bwd(model, x, 1), repeat, device)
+    c_srd, c_ref = [], []
+    with post_form(form):
+        t_srd = best_time(lambda: srd_saliency(model, x, 1), repeat, device, c_srd)
+    t_ref = best_time(lambda: fwd_bwd(model, x, 1), repeat, device, c_ref)
+    out = dict(model=name, batch=batch, srd_s_per_img=t_srd / batch, ref_s_per_img=t_ref / batch,
+               ratio=t_srd / t_ref, cpu_ratio=c_srd[0] / c_ref[0], maps_per_s=batch / t_srd, form=form or "-")
+    if not seeds:
+        return out | dict(many_s=float("nan"), separate_s=float("nan"), seed_ratio=float("nan"))
     x1 = x[:1]
     h, w = model_grid(model, x1, layer)
     rel = torch.zeros(1, seeds, h, w, device=device)
@@ -55,9 +87,7 @@ def bench(name: str, batch: int, layer: str, repeat: int, device: str, seeds: in
     t_many = best_time(lambda: srd_ierf_from_relevance(model, x1, layer, rel), repeat, device)
     t_one = best_time(lambda: [srd_ierf(model, x1, layer, (int(i) // w, int(i) % w)) for i in idx[:separate]],
                       1, device) * seeds / separate
-    return dict(model=name, batch=batch, srd_s_per_img=t_srd / batch, ref_s_per_img=t_ref / batch,
-                ratio=t_srd / t_ref, layer=layer, seeds=seeds, many_s=t_many, separate_s=t_one,
-                seed_ratio=t_many / t_one, maps_per_s=batch / t_srd)
+    return out | dict(many_s=t_many, separate_s=t_one, seed_ratio=t_many / t_one)
 
 
 def model_grid(model, x, layer):
@@ -75,22 +105,30 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--models", default="resnet50,vgg16")
     ap.add_argument("--separate", type=int, default=8, help="separate srd_ierf calls timed (extrapolated to 64)")
+    ap.add_argument("--batches", default="", help="comma-separated batch sizes (default: per model)")
+    ap.add_argument("--post-forms", default="",
+                    help="ConvNeXt: comma-separated forms of the depthwise-path rule to compare (triangular, sliced)")
+    ap.add_argument("--no-seeds", action="store_true", help="skip the 64 seeds vs 64 calls comparison")
     args = ap.parse_args()
     if args.device == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     configs = {"resnet50": (4, "layer3.5"), "vgg16": (2, "features.22"), "convnext_tiny": (1, "features.5.4")}
     print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{'model':13s} {'batch':>5s} {'SRD s/img':>10s} {'fwd+bwd s/img':>14s} {'ratio':>6s} {'maps/s':>8s} "
-          f"{'64 seeds s':>11s} {'64 calls s':>11s} {'seed ratio':>10s}")
+    print(f"{'model':13s} {'form':10s} {'batch':>5s} {'SRD s/img':>10s} {'fwd+bwd s/img':>14s} {'ratio':>6s} "
+          f"{'cpu ratio':>9s} {'maps/s':>8s} {'64 seeds s':>11s} {'64 calls s':>11s} {'seed ratio':>10s}")
     for name in args.models.split(","):
         batch, layer = configs[name]
         if args.device == "cuda" and name == "resnet50":
             batch = 64
-        r = bench(name, batch, layer, args.repeat, args.device, 64, args.separate)
-        print(f"{r['model']:13s} {r['batch']:5d} {r['srd_s_per_img']:10.3f} {r['ref_s_per_img']:14.3f} "
-              f"{r['ratio']:6.2f} {r['maps_per_s']:8.1f} {r['many_s']:11.3f} {r['separate_s']:11.3f} "
-              f"{r['seed_ratio']:10.3f}")
+        forms = [f or None for f in args.post_forms.split(",")] if name.startswith("convnext") else [None]
+        for b in [int(v) for v in args.batches.split(",") if v] or [batch]:
+            for form in forms:
+                r = bench(name, b, layer, args.repeat, args.device, 0 if args.no_seeds else 64, args.separate,
+                          form)
+                print(f"{r['model']:13s} {r['form']:10s} {r['batch']:5d} {r['srd_s_per_img']:10.3f} "
+                      f"{r['ref_s_per_img']:14.3f} {r['ratio']:6.2f} {r['cpu_ratio']:9.2f} {r['maps_per_s']:8.1f} "
+                      f"{r['many_s']:11.3f} {r['separate_s']:11.3f} {r['seed_ratio']:10.3f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ the conservation identities."""
 from __future__ import annotations
 
 import copy
+import functools
 
 import pytest
 import torch
+import torch.nn.functional as F
 from srd_slow_reference import reference_convnext_saliency
 from torch import nn
 from torchvision.models.convnext import CNBlockConfig, ConvNeXt
@@ -17,6 +19,7 @@ from sae_cafe.models import get_adapter, load_model
 from sae_cafe.models.mobile import ConvNeXtAdapter
 from sae_cafe.srd import (
     apop_forward,
+    rules_post,
     srd_diagnostics,
     srd_ierf,
     srd_ierf_from_relevance,
@@ -25,6 +28,7 @@ from sae_cafe.srd import (
 )
 from sae_cafe.srd.api import get_graph
 from sae_cafe.srd.engine import SRDRun
+from sae_cafe.srd.graph import Branch, ConvSpec
 
 F64 = torch.float64
 
@@ -177,3 +181,95 @@ def test_unsupported_variants_are_named():
     model.features[2][1].padding = (1, 1)
     with pytest.raises(UnsupportedModuleError, match=r"features\.2\.1: a padded conv"):
         srd_saliency(model, torch.randn(1, 3, 32, 32), 0)
+
+
+def _explicit_post_mu(post, weight, padding, dilation, v, bias_map):
+    """μ (N, K, h, w) of ``z = post·dwconv(v) + bias_map`` from explicit contribution vectors
+    c_k(q) = post·(w_k ⊙ v_{q+k}) (zero outside the map), independent of both forms in rules_post; also
+    returns z and the targets with an in-bounds path, and checks Σ_k c_k + b = z against torch's own
+    depthwise conv."""
+    N, C, H, W = v.shape
+    kh, kw = weight.shape[-2:]
+    (ph, pw), (dh, dw) = padding, dilation
+    z = F.conv2d(F.conv2d(v, weight, None, 1, padding, dilation, C), post[:, :, None, None]) + bias_map
+    vp = F.pad(v, (pw, pw, ph, ph))
+    h, w = z.shape[-2:]
+    contribs, valid = [], []
+    for a in range(kh):
+        for b in range(kw):
+            src = vp[:, :, a * dh:a * dh + h, b * dw:b * dw + w]
+            contribs.append(torch.einsum("oc,nchw->nohw", post, weight[:, 0, a, b].view(1, C, 1, 1) * src))
+            valid.append(F.pad(torch.ones(H, W, dtype=v.dtype), (pw, pw, ph, ph))[a * dh:a * dh + h, b * dw:b * dw + w])
+    c = torch.stack(contribs, 1)  # (N, K, C', h, w)
+    assert torch.allclose(c.sum(1) + bias_map, z, rtol=0, atol=1e-12 * float(z.abs().max()))
+    norm = c.norm(dim=2)
+    total = norm.sum(1, keepdim=True)
+    valid = torch.stack(valid).unsqueeze(0)
+    frac = torch.where(total > 0, norm / total.clamp_min(1e-300), valid / valid.sum(1, keepdim=True).clamp_min(1))
+    zz = (z * z).sum(1, keepdim=True)
+    num = (c * z.unsqueeze(1)).sum(2) + frac * (bias_map * z).sum(1, keepdim=True)
+    return torch.where(zz > 0, num / zz.clamp_min(1e-300), torch.zeros_like(num)), z, valid.sum(1)[0] > 0
+
+
+@pytest.mark.parametrize("C, kernel, padding, dilation, size", [
+    (70, (7, 7), (3, 3), (1, 1), (9, 8)),  # ConvNeXt geometry, 3 blocks of R (32 + 32 + 6 rows)
+    (40, (3, 3), (2, 2), (2, 2), (7, 7)),  # dilation
+    (33, (3, 5), (1, 2), (1, 1), (6, 9)),  # rectangular kernel
+    (36, (5, 5), (0, 0), (1, 1), (8, 8)),  # no padding
+    (12, (3, 3), (3, 3), (1, 1), (5, 5)),  # padding beyond the kernel: border targets see only zeros
+])
+def test_post_rule_triangular_equals_sliced_and_explicit(C, kernel, padding, dilation, size):
+    """Both forms of the depthwise + post-matrix rule against explicit contribution vectors, float64, with
+    zero regions (all-zero contributions: equal bias split) and a zero target."""
+    g = torch.Generator().manual_seed(C)
+    N, cout = 2, 2 * C + 3
+    v = torch.randn(N, C, *size, dtype=F64, generator=g)
+    v[0, :, :3, :3] = 0
+    post = torch.randn(cout, C, dtype=F64, generator=g)
+    post = post - post.mean(1, keepdim=True)  # rank C − 1, as W1·P of a LayerNorm's centring
+    weight = torch.randn(C, 1, *kernel, dtype=F64, generator=g)
+    z_hw = [size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) for i in range(2)]
+    bias_map = torch.randn(N, cout, *z_hw, dtype=F64, generator=g)
+    bias_map[0, :, 0, 0] = 0
+    branch = Branch("v", ConvSpec(weight, (1, 1), padding, dilation, C, "dw", post), bias=torch.zeros(cout, dtype=F64))
+    ref, z, reached = _explicit_post_mu(post, weight, padding, dilation, v, bias_map)
+    scale = float(ref.abs().max())
+    tri = rules_post.post_branch_mu(branch, v, z, bias_map, form="triangular")
+    sliced = rules_post.post_branch_mu(branch, v, z, bias_map, form="sliced")
+    assert torch.isfinite(ref).all() and scale > 0
+    assert float((tri - sliced).abs().max()) <= 1e-12 * scale
+    assert float((tri - ref).abs().max()) <= 1e-12 * scale
+    active = ((z * z).sum(1) > 0) & reached  # targets with no in-bounds source keep their bias unexplained
+    assert torch.allclose(tri.sum(1)[active], torch.ones((), dtype=F64), atol=1e-12)
+    # the comparison can fail: offsets read in the wrong orientation give other ratios
+    flipped = Branch("v", ConvSpec(weight.flip(-1, -2), (1, 1), padding, dilation, C, "dw", post),
+                     bias=branch.bias)
+    broken = rules_post.post_branch_mu(flipped, v, z, bias_map, form="triangular")
+    assert float((broken - ref).abs().max()) > 1e-3 * scale
+
+
+def test_triangular_rule_matches_sliced_end_to_end():
+    """Wider CNBlocks (C = 40, 72: several blocks of R) in float64: saliency, hidden relevance and iERFs with
+    the triangular form equal those of the sliced form (the rule used before) to 1e-12."""
+    torch.manual_seed(7)
+    model = randomize(ConvNeXt([CNBlockConfig(40, 72, 1), CNBlockConfig(72, None, 1)], num_classes=4), 7,
+                      True).double()
+    x = torch.randn(2, 3, 32, 32, dtype=F64, generator=torch.Generator().manual_seed(8))
+    layers = ["features.0", "features.1.0", "features.2", "features.3.0"]
+
+    def run():
+        sal = srd_saliency(model, x, 1, contrast="none", dtype=F64)
+        rel = srd_relevance(model, x, 1, layers, contrast="none", dtype=F64)
+        ierf = srd_ierf(model, x, "features.3.0", (2, 3), dtype=F64)
+        return [sal, ierf, *rel.values()]
+
+    ours = run()
+    orig = rules_post.post_branch_mu
+    rules_post.post_branch_mu = functools.partial(orig, form="sliced")
+    try:
+        before = run()
+    finally:
+        rules_post.post_branch_mu = orig
+    for a, b in zip(ours, before):
+        assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
+    assert float(ours[0].abs().max()) > 0 and float(ours[1].sum()) == pytest.approx(2.0, abs=1e-12)
