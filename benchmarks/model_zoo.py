@@ -10,6 +10,7 @@ For each model (by default one registered name per model class; ``--all`` for ev
 
     .venv/bin/python benchmarks/model_zoo.py                  # writes benchmarks/results/model_zoo.{json,md}
     .venv/bin/python benchmarks/model_zoo.py --models resnet50 swin_t --out /tmp/zoo
+    .venv/bin/python benchmarks/model_zoo.py --models convnext_tiny --update   # rerun some rows only
 
 A model that fails a step shows the error in its row instead of a number. Needs no network: every model is
 built from its constructor with random weights.
@@ -36,6 +37,15 @@ from sae_cafe.srd import srd_ierf, srd_saliency
 warnings.filterwarnings("ignore")
 RESULTS = Path(__file__).resolve().parent / "results"
 SMALL_FIRST = ("tiny", "small", "18", "b0", "_t", "400mf", "121", "v2", "16")
+#: the default rows: the families users audit (issues' lists), torchvision / timm / Hugging Face / open_clip
+DEFAULT_MODELS = (
+    "resnet50", "timm/resnet50", "resnet50d", "resnext50_32x4d", "seresnet50", "vgg16", "efficientnet_b0",
+    "timm/efficientnet_b0", "mobilenet_v3_small", "mobilenetv3_large_100", "mobilenet_v2", "regnet_y_400mf",
+    "densenet121", "convnext_tiny", "timm/convnext_tiny", "swin_t", "vit_b_16", "vit_base_patch16_224",
+    "deit_small_distilled_patch16_224", "vit_base_patch16_clip_224", "vit_base_patch16_siglip_224",
+    "vit_small_patch14_dinov2", "vit_small_patch14_reg4_dinov2", "hf_vit_base_patch16_224",
+    "hf_clip_vit_base_patch16", "hf_dinov2_small", "hf_siglip_base_patch16_224", "openclip_vit_b_32",
+    "openclip_vit_b_16")
 
 
 def best_time(fn, repeat: int) -> float:
@@ -47,19 +57,19 @@ def best_time(fn, repeat: int) -> float:
     return min(times)
 
 
+def model_class(model) -> type:
+    """The class a model was constructed from (a wrapped Hugging Face model counts as its own class)."""
+    return type(getattr(model, "hf", model))
+
+
 def representatives(names: list[str]) -> list[str]:
     """One registered name per model class, preferring small variants (mini models left out)."""
     by_class: dict[str, list[str]] = {}
     for n in names:
         if n.startswith("mini_"):
             continue
-        with torch.device("meta"):
-            try:
-                cls = type(load_model(n).model)
-            except Exception:  # noqa: BLE001 - meta construction is only a grouping aid
-                cls = None
-        key = f"{cls.__module__}.{cls.__qualname__}" if cls else n
-        by_class.setdefault(key, []).append(n)
+        cls = model_class(load_model(n).model)
+        by_class.setdefault(f"{cls.__module__}.{cls.__qualname__}", []).append(n)
     out = []
     for group in by_class.values():
         group.sort(key=lambda n: (not any(s in n for s in SMALL_FIRST), len(n), n))
@@ -90,7 +100,8 @@ def zoo_row(row: dict, repeat: int) -> None:
     adapter = load_model(name)
     for p in adapter.model.parameters():
         p.requires_grad_(False)
-    row["constructor"] = f"{type(adapter.model).__module__.split('.')[0]}.{type(adapter.model).__name__}"
+    cls = model_class(adapter.model)
+    row["constructor"] = f"{cls.__module__.split('.')[0]}.{cls.__name__}"
     h, w = adapter.input_size
     x = torch.randn(1, 3, h, w, generator=torch.Generator().manual_seed(0))
     target, value = target_for(adapter, x)
@@ -157,14 +168,17 @@ def render(rows: list[dict]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--models", nargs="*", help="registered names (default: one per model class)")
+    ap.add_argument("--models", nargs="*", help="registered names (default: DEFAULT_MODELS)")
+    ap.add_argument("--per-class", action="store_true", help="one registered name per model class instead")
     ap.add_argument("--all", action="store_true", help="every registered name")
+    ap.add_argument("--update", action="store_true", help="replace only these models' rows of an existing table")
     ap.add_argument("--repeat", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=RESULTS, help="folder for model_zoo.json / model_zoo.md")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    names = args.models or (list_adapters() if args.all else representatives(list_adapters()))
+    names = args.models or (list_adapters() if args.all else representatives(list_adapters()) if args.per_class
+                            else list(DEFAULT_MODELS))
     rows = []
     for n in names:
         t = time.perf_counter()
@@ -178,6 +192,10 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(row)
         print(json.dumps(row), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
+    if args.update and (args.out / "model_zoo.json").is_file():
+        old = json.loads((args.out / "model_zoo.json").read_text())["rows"]
+        new = {r["model"]: r for r in rows}
+        rows = [new.pop(r["model"], r) for r in old] + list(new.values())
     meta = {"threads": args.threads, "torch": torch.__version__, "input": "224 px (the adapter's input size)",
             "weights": "random", "dtype": "float32", "batch": 1, "repeat": args.repeat}
     (args.out / "model_zoo.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
