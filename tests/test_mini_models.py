@@ -12,13 +12,14 @@ import torchvision
 from sae_cafe.models import get_adapter, list_adapters, load_model
 from sae_cafe.models.mini import MINI_ARCHS, WEIGHTS_DIR, weights_path
 from sae_cafe.world import CLASS_NAMES, generate
-from sae_cafe.world.train import EVAL_SEED_BASE, evaluate, world_tensor
+from sae_cafe.world.train import EVAL_SEED_BASE, architecture, evaluate, world_tensor
 
 torch.set_num_threads(2)
 
-# The bar is 93 % on 500 fresh images. The mini ViT trained from scratch in its CPU budget (2000
-# steps) does not reach it (see docs/world.md); its floor sits a few points under its measured accuracy.
-MIN_ACCURACY = {"mini_resnet": 0.93, "mini_vgg": 0.93, "mini_vit": 0.70}
+# The bar is 93 % on 500 fresh images. The mini ViT trained from scratch on the CPU (7400 steps x 32
+# fresh scenes, distilled from the mini ResNet: 88.3 % on the 2000 evaluation scenes, 86.8 % on these 500) does
+# not reach it yet; its floor sits a few points under its measured accuracy (see sae_cafe/weights/mini_vit.json).
+MIN_ACCURACY = {"mini_resnet": 0.93, "mini_vgg": 0.93, "mini_vit": 0.83}
 
 
 @pytest.fixture(scope="module")
@@ -37,6 +38,9 @@ def test_registered_with_shipped_weights():
         assert weights_path(arch).exists(), f"shipped weights missing: {weights_path(arch)}"
         rec = json.loads((WEIGHTS_DIR / f"{arch}.json").read_text())
         assert rec["arch"] == arch and "train-model" in rec["command"] and 0 <= rec["eval"]["accuracy"] <= 1
+    vit = json.loads((WEIGHTS_DIR / "mini_vit.json").read_text())
+    if "architecture" in vit:  # the recorded constructor arguments are those make_mini_vit builds
+        assert vit["architecture"] == architecture(load_model("mini_vit").model)
     total = sum(weights_path(a).stat().st_size for a in MINI_ARCHS)
     assert total < 8e6  # a few MB in all
 
