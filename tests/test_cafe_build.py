@@ -226,3 +226,20 @@ def test_class_push_equals_the_per_latent_forward_in_float64(which):
     if which == "resnet":
         sae3 = tiny_sae(d_in=256, d_sae=8, k=3).double()
         assert class_push(ad, sae3, "layer3", x) is None
+
+
+def test_class_push_under_concatenating_layers():
+    """A DenseNet layer whose output later layers concatenate with earlier features (batch sizes must agree):
+    no error, and None because the rest of the network is not linear in it."""
+    from sae_lens import TopKSAE, TopKSAEConfig
+    from torchvision.models import DenseNet
+
+    from sae_cafe.cafe.build import class_push
+    from sae_cafe.models import get_adapter
+
+    torch.manual_seed(0)
+    adapter = get_adapter(DenseNet(growth_rate=8, block_config=(2, 2), num_init_features=8, bn_size=2,
+                                   num_classes=5).eval())
+    layer = "features.denseblock1.denselayer1"
+    sae = TopKSAE(TopKSAEConfig(d_in=adapter.layer(layer).channels, d_sae=3, k=1)).eval()
+    assert class_push(adapter, sae, layer, torch.randn(2, 3, 32, 32)) is None

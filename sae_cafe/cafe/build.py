@@ -146,7 +146,9 @@ def class_push(adapter, sae, layer: str, x: torch.Tensor, tol: float = 1e-3, pro
         return adapter.from_pfv(type(batch)(pfv, batch.positions, batch.grid, extra))
 
     with torch.no_grad(), adapter.hooks({src: replace}):
-        out = adapter.model(x[:1])  # (2, C): g(0), g(a); layers before ``layer`` see one image
+        # (2, C): g(0), g(a). The image runs twice, so that layers that bypass ``layer`` (DenseNet's
+        # concatenations, skips) see the same batch size as its replaced output
+        out = adapter.model(x[:1].expand(2, *x.shape[1:]))
     v, a = held["v"], held["a"]
     C = out.shape[1]
     got = (out[1] - out[0]).detach()
