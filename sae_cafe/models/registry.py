@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import sys
 import warnings
-import weakref
 from collections.abc import Callable
 from pathlib import Path
 
@@ -24,7 +23,10 @@ from .weights import load_weights
 _FACTORIES: dict[str, Callable[..., nn.Module]] = {}
 _ADAPTER_KW: dict[str, dict] = {}
 _ADAPTERS: dict[type | str, tuple[type[ModelAdapter], str]] = {}
-_BY_MODULE: weakref.WeakKeyDictionary[nn.Module, ModelAdapter] = weakref.WeakKeyDictionary()
+#: the adapter of a model instance is kept on the instance: a WeakKeyDictionary whose value (the adapter) holds
+#: its key (the model) would keep every model ever adapted alive; an attribute is a plain reference cycle that
+#: the garbage collector frees with the model
+_ADAPTER_ATTR = "_sae_cafe_adapter"
 
 
 class RegistryError(SaeCafeError, ValueError):
@@ -118,10 +120,10 @@ def get_adapter(model: ModelAdapter | nn.Module) -> ModelAdapter:
         return model
     if not isinstance(model, nn.Module):
         raise SaeCafeError(f"expected a model adapter or an nn.Module, got {type(model).__name__}")
-    adapter = _BY_MODULE.get(model)
-    if adapter is None:
+    adapter = model.__dict__.get(_ADAPTER_ATTR)
+    if adapter is None or adapter.model is not model and getattr(adapter.model, "hf", None) is not model:
         adapter = make_adapter(model)
-        _BY_MODULE[model] = adapter
+        model.__dict__[_ADAPTER_ATTR] = adapter
     return adapter
 
 
@@ -146,5 +148,5 @@ def load_model(name: str, weights: str | Path | None = None, device: str | torch
     adapter = make_adapter(model, name, **adapter_kw)
     adapter.weights_hash = whash
     adapter.weights_path = str(Path(given).resolve()) if given is not None else None  # None: shipped or random
-    _BY_MODULE[model] = adapter
+    model.__dict__[_ADAPTER_ATTR] = adapter
     return adapter
