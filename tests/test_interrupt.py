@@ -105,7 +105,7 @@ def test_kill_points_are_stratified_file_system_events(results, stage):
     n = r["events"]
     assert ks == sorted(set(ks)) and ks[0] >= 1 and ks[-1] <= n, (ks, n)
     for i, k in enumerate(ks):  # kill i in the i-th of KILLS equal slices of the N events
-        assert 1 + i * n // KILLS <= k < 1 + (i + 1) * n // KILLS, (i, k, n)
+        assert (1 + i * n // KILLS) <= k < 1 + (i + 1) * n // KILLS, (i, k, n)
     assert all(t["at"] and t["at"]["event"] for t in r["trials"])
 
 
