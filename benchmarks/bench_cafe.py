@@ -7,6 +7,9 @@ built on a held-out split (other seed) with the world's per-pixel attribute maps
 weights when present (``sae_cafe/weights``), else random initialisation (said in the output).
 
     .venv/bin/python benchmarks/bench_cafe.py [--n-train 400] [--n-eval 200] [--out indexes/bench_cafe]
+
+Writes the stages under ``--out`` and the README's table to ``--results`` (``benchmarks/results/cafe.json`` and
+``.md``; rendered into README.md by ``benchmarks/render_readme.py``).
 """
 
 from __future__ import annotations
@@ -141,6 +144,7 @@ def main() -> None:
     ap.add_argument("--models", default="mini_resnet:layer3,mini_vit:3")
     ap.add_argument("--out", default="indexes/bench_cafe")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--results", default="benchmarks/results/cafe", help="results stem (STEM.json, STEM.md)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -168,6 +172,37 @@ def main() -> None:
                   f"sign test {p['sign_test']['n_pos']}+/{p['sign_test']['n_neg']}- p={p['sign_test']['p']:.3g}")
         print("cards:", *r["cards"])
     print(f"\nresults: {out / 'results.json'}")
+    if args.results:
+        keep = [{k: v for k, v in r.items() if k not in ("cards", "stage")} for r in results]
+        Path(args.results + ".json").write_text(json.dumps(keep, indent=1) + "\n")
+        Path(args.results + ".md").write_text(markdown(results, args))
+        print(markdown(results, args))
+
+
+def _sign(t: dict) -> str:
+    return f"sign test {t['n_pos']}+/{t['n_neg']}−, p = {t['p']:.2g}"
+
+
+def markdown(results: list[dict], args) -> str:
+    """The README's CAFE metrics table: one column per (model, layer)."""
+    head = [f"{r['model']} `{r['layer']}`" + ("" if r["trained_weights"] else " (random weights)") for r in results]
+    rows = {"(a) label faithfulness: activation drop, iERF region − activation region": [],
+            "(b) top-10 % mass, iERF vs activation map": [], "(c) attribute purity, iERF vs activation map": [],
+            "iERFs/s during the build vs SRD saliency maps/s (iERFs per image)": []}
+    for r in results:
+        fa, c, p = r["faithfulness"], r["concentration"], r["purity"]
+        rows[next(iter(rows))].append(f"{fa['diff_mean']:+.3f} ± {fa['diff_se']:.3f} (relative "
+                                      f"{fa['rel_diff_mean']:+.2f}), {_sign(fa['sign_test'])}")
+        rows[list(rows)[1]].append(f"{c['ierf'][0]:.3f} vs {c['act'][0]:.3f}, {_sign(c['sign_test'])}")
+        rows[list(rows)[2]].append(f"{p['ierf'][0]:.2f} vs {p['act'][0]:.2f} ({p['n']} latents, "
+                                   f"{_sign(p['sign_test'])})" if p.get("n") else "—")
+        rows[list(rows)[3]].append(f"{r['ierf_vs_saliency']:.2f}× ({r['seeds_per_image']:.1f})")
+    lines = ["| metric | " + " | ".join(head) + " |", "|---|" + "---|" * len(head)]
+    lines += [f"| {k} | " + " | ".join(v) + " |" for k, v in rows.items()]
+    lines += ["", f"{args.n_eval} held-out images (world seed 200), top-{args.k}, {args.n_anchor} anchored "
+              f"exemplars per latent; SAEs: sae-lens TopK, {args.expansion} × d_in latents, k = {args.k_sae}, "
+              f"{args.sae_steps} steps on {args.n_train} training images (seed 100); `benchmarks/bench_cafe.py`."]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

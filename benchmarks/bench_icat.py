@@ -379,6 +379,50 @@ def md_tables(results) -> str:
     return "\n".join(out)
 
 
+SUMMARY_METHODS = ("ig", "ablation", "grad_x_input", "grad", "random")
+
+
+def _short(layer: str) -> str:
+    """``encoder.layers.encoder_layer_3`` → ``block 3`` (torchvision ViT); other layer ids unchanged."""
+    return "block " + layer.rsplit("_", 1)[1] if layer.startswith("encoder.layers.encoder_layer_") else layer
+
+
+def summary_md(results) -> str:
+    """The README's compact ICAT tables (``<out>/summary.md``): AUC ins − del per layer pair and method (zero
+    baseline; bold = best), and route purity / PGD per model."""
+    out = ["| model | layer pair | " + " | ".join(SUMMARY_METHODS) + " |", "|---|---|" + "---|" * len(SUMMARY_METHODS)]
+    for name, r in results["models"].items():
+        pairs: dict[str, dict[str, float]] = {}
+        for row in r.get("protocol", []):
+            if row["baseline"] == "zeros":
+                pairs.setdefault(row["pair"], {})[row["method"]] = row["auc_diff"]
+        for pair, d in pairs.items():
+            top = max(v for m, v in d.items() if m != "random")
+            cells = [("**%.3f**" if m != "random" and round(d[m], 3) == round(top, 3) else "%.3f") % d[m]
+                     if m in d else "—" for m in SUMMARY_METHODS]
+            pair = " → ".join(_short(x) for x in pair.split("→"))
+            out.append(f"| {name} | {pair} | " + " | ".join(cells) + " |")
+    out += ["", "| model | accuracy (held-out) | route purity: dominant routes vs random | classes above random "
+            "| PGD flip rate | routes first differ at | route node Jaccard | graph node Jaccard per layer |",
+            "|---|---|---|---|---|---|---|---|"]
+    for name, r in results["models"].items():
+        rows = r.get("routes", [])
+        share = np.nanmean([x["route_share"] for x in rows]) if rows else float("nan")
+        rand = np.nanmean([x["random_share"] for x in rows]) if rows else float("nan")
+        above = sum(x["route_share"] > x["random_share"] for x in rows)
+        p = r.get("pgd") or {}
+        jac = " → ".join(f"{v:.2f}" for v in (p.get("graph_jaccard_per_layer") or {}).values()) or "—"
+        rj = p.get("route_jaccard")
+        counts = p.get("divergence_layer_counts") or {}
+        order = [*r.get("layers", []), "logits"]
+        div = ", ".join(f"{'only the logit' if k == 'logits' else _short(k)} {counts[k]}" for k in
+                        sorted(counts, key=lambda k: order.index(k) if k in order else len(order))) or "—"
+        out.append(f"| {name} | {r.get('accuracy', float('nan')):.3f} ({r.get('n_eval')}) | {share:.2f} vs {rand:.2f} "
+                   f"| {above}/{len(rows)} | {p.get('flip_rate', float('nan')):.2f} ({p.get('n_images', 0)} images) "
+                   f"| {div} | {'—' if rj is None else f'{rj:.2f}'} | {jac} |")
+    return "\n".join(out) + "\n"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--models", nargs="*", default=["mini_resnet", "mini_vit"])
@@ -481,6 +525,7 @@ def main() -> int:
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     tables = md_tables(results)
     (out / "tables.md").write_text(tables)
+    (out / "summary.md").write_text(summary_md(results))
     print(tables)
     return 0
 

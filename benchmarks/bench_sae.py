@@ -9,7 +9,8 @@ training samples/s through our shard provider vs sae-lens ``SAETrainer.fit`` on 
     .venv/bin/python benchmarks/bench_sae.py throughput
     .venv/bin/python benchmarks/bench_sae.py quality [--models mini_resnet mini_vit] [--seconds 240]
 
-Results are printed and written to ``indexes/bench/sae_<section>.json``.
+Results are printed and written to ``benchmarks/results/sae_<section>.json`` and ``.md`` (the README's table,
+rendered into README.md by ``benchmarks/render_readme.py``).
 """
 
 from __future__ import annotations
@@ -163,7 +164,7 @@ def main() -> None:
     p.add_argument("--steps", type=int, default=1200)
     p.add_argument("--arch", default="topk")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 on a busy shared box)")
-    p.add_argument("--out", default="indexes/bench")
+    p.add_argument("--out", default="benchmarks/results", help="folder for sae_<section>.json/.md")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.section == "throughput":
@@ -174,6 +175,39 @@ def main() -> None:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"sae_{args.section}.json").write_text(json.dumps(res, indent=1) + "\n")
+    md = (markdown_quality if args.section == "quality" else markdown_throughput)(res)
+    (out / f"sae_{args.section}.md").write_text(md)
+    print(md)
+
+
+def markdown_quality(res: dict) -> str:
+    """The README's SAE quality table."""
+    lines = ["| model / layer | d_in → d_sae, k | explained variance | L0 | dead | accuracy → spliced | logit KL "
+             "| train |",
+             "|---|---|---|---|---|---|---|---|"]
+    for name, r in res.items():
+        if "skipped" in r:
+            lines.append(f"| {name} | {r['skipped']} | | | | | | |")
+            continue
+        lines.append(f"| {name} `{r['layer']}` | {r['d_in']} → {r['d_sae']}, {r['k']} | {r['explained_variance']:.3f} "
+                     f"| {r['l0']:.1f} | {100 * r['dead_fraction']:.1f} % | {100 * r['accuracy']:.2f} % → "
+                     f"{100 * r['spliced_accuracy']:.2f} % | {r['logit_kl']:.4f} | {r['train_seconds']:.0f} s |")
+    n = {r.get("eval_pfvs") for r in res.values() if "eval_pfvs" in r}
+    lines += ["", f"Held-out concept-world images ({', '.join(str(v) for v in sorted(n))} PFVs), SAEs reloaded from "
+              "disk, 8 × d_in latents, k = min(32, d_in/8), TopK, 1 thread."]
+    return "\n".join(lines) + "\n"
+
+
+def markdown_throughput(res: dict) -> str:
+    """The README's throughput line as a table."""
+    rows = [(f"extraction ({k.split('_')[1]}) vs bare forward", v, "≥ 0.8×") for k, v in res.items()
+            if k.startswith("extract_") and k.endswith("_ratio")]
+    rows += [
+             ("training through the shard provider vs sae-lens SAETrainer on an in-memory tensor",
+              res.get("train_ratio"), "≥ 0.8×")]
+    lines = ["| measure | ratio | target |", "|---|---|---|"]
+    lines += [f"| {m} | {v:.2f}× | {t} |" if v is not None else f"| {m} | — | {t} |" for m, v, t in rows]
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
