@@ -157,6 +157,16 @@ def concept_card(ctx: Ctx, cafe_stage: Path, latent: int, n: int | None = None, 
     cols[1].metric("iERF concentration", fmt(s.get("concentration_ierf")))
     cols[2].metric("act-map concentration", fmt(s.get("concentration_act")))
     cols[3].metric("purity (iERF)", fmt(s.get("purity_ierf")) if "purity_ierf" in s else "n/a")
+    lab = card.get("concept")
+    if lab and lab["name"]:
+        ev = "; ".join(f"{a}: " + ", ".join(f"{n} {v:.2f}" for n, v in sorted(vs.items(), key=lambda t: -t[1])[:3])
+                       for a, vs in lab["masses"].items())
+        st.markdown(f"**label: {lab['name']}** · confidence {lab['confidence']:.2f} ({lab['calibration']}; raw "
+                    f"{lab['raw_confidence']:.2f}, runner-up {lab['runner_up']}) · evidence {lab['evidence']} over "
+                    f"{lab['n_exemplars']} exemplars")
+        st.caption(f"evidence-mass share per attribute value: {ev}")
+    elif lab:
+        st.caption(f"label: none ({lab['note']})")
     if card["pushes"]:
         st.caption("pushes ↑ " + ", ".join(f"{p['class']} ({p['logit']:+.2f})" for p in card["pushes"]["up"])
                    + " · ↓ " + ", ".join(f"{p['class']} ({p['logit']:+.2f})" for p in card["pushes"]["down"]))

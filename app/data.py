@@ -395,6 +395,21 @@ def load_graph(path: str, stamp: float):
 
 
 @cached_data
+def load_concepts(dirs: tuple[tuple[str, str], ...], stamp: float):
+    """({layer: {latent: ConceptLabel}}, {layer: SupernodeSet}) of CAFE stages ``((layer, dir), ...)``
+    (``stamp``: their newest manifest mtime)."""
+    from sae_cafe.concepts.supernodes import cafe_concepts
+
+    return cafe_concepts(dict(dirs))
+
+
+def concepts(dirs: dict[str, Path]):
+    """Concept labels and supernodes of the CAFE stages ``{layer: dir}`` (cached)."""
+    return load_concepts(tuple(sorted((k, str(v)) for k, v in dirs.items())),
+                         max([mtime(Path(v)) for v in dirs.values()] or [0.0]))
+
+
+@cached_data
 def load_image_bytes(path: str, stamp: float) -> bytes:
     """An image file inside the root, re-encoded as PNG bytes (decoded by ``sae_cafe.images.load_image``)."""
     from sae_cafe.images import load_image

@@ -402,3 +402,32 @@ def test_stage_listing_ignores_links_out_of_the_root(tmp_path):
     assert "m/l2 (links outside the artifact root; ignored)" in partial
     assert "m/l3 (links outside the artifact root; ignored)" in partial
     assert "m/.l4.tmp (interrupted)" in partial
+
+
+def test_concept_labels_search_and_supernode_toggle(sample_root, monkeypatch):
+    """Issue 21: the latent browser shows concept labels and searches them; the concept graph collapses onto
+    supernodes (the graph the ICAT stage wrote under graphs/supernodes/)."""
+    from sae_cafe.concepts import read_labels
+
+    labels = read_labels(sample_root / "tiny" / "cafe" / "mini_resnet" / "layer3")
+    named = [lab for lab in labels.values() if lab.labelled]
+    assert named
+    at = page(sample_root, "latents", monkeypatch)
+    ok(at)
+    assert {"label", "label_confidence"} <= set(at.dataframe[0].value.columns)
+    name = named[0].name
+    at.text_input(key="lb_search").input(f"latents labelled {name}").run(timeout=TIMEOUT)
+    ok(at)
+    shown = at.dataframe[0].value
+    assert set(shown["latent"]) == {s for s, lab in labels.items() if name in lab.name}
+    assert set(shown["label"]) == {name}
+    stage = sample_root / "tiny" / "icat" / "mini_resnet"
+    at = page(sample_root, "graph", monkeypatch)
+    ok(at)
+    at.toggle(key="cg_collapse").set_value(True).run(timeout=TIMEOUT)
+    ok(at)
+    cls = next(iter(json.loads((stage / "routes.json").read_text())))
+    collapsed = json.loads((stage / "graphs" / "supernodes" / f"class_{cls}.json").read_text())
+    nodes = next(t for t in json.loads(at.get("plotly_chart")[0].proto.spec)["data"] if t.get("name") == "nodes")
+    assert sorted(nodes["customdata"]) == sorted(n["id"] for n in collapsed["nodes"])
+    assert any(n.get("supernode") for n in collapsed["nodes"])

@@ -94,7 +94,10 @@ def test_html_atlas_content_and_cap(run_root, tmp_path):
     n_latents = sum(load_cafe(stage(run_root, lay)).n_latents for lay in ("layer3", "layer4"))
     assert text.count('class="card"') == n_latents
     assert "default-src 'none'" in text and "<script" not in text
-    assert text.count("<svg") == len(list((run_root / "tiny" / "icat").glob("*/graphs/class_*.json"))) >= 1
+    icat = run_root / "tiny" / "icat"  # one SVG per class graph and per supernode-collapsed class graph
+    n_graphs = len(list(icat.glob("*/graphs/class_*.json")))
+    assert text.count("<svg") == n_graphs + len(list(icat.glob("*/graphs/supernodes/class_*.json"))) > n_graphs >= 1
+    assert "collapsed onto supernodes" in text
     assert "data:image/png;base64," in text and "label:" in text
     graph = json.loads(next((run_root / "tiny" / "icat").glob("*/graphs/class_*.json")).read_text())
     latent_nodes = [n for n in graph["nodes"] if n.get("kind") == "latent"]

@@ -10,18 +10,42 @@ import streamlit as st  # noqa: E402
 from app import components as C  # noqa: E402
 from app import data as D  # noqa: E402
 
-COLUMNS = ("latent", "firing_frequency", "image_frequency", "concentration_ierf", "concentration_act",
-           "purity_ierf", "purity_act", "max_activation", "n_exemplars")
+COLUMNS = ("latent", "label", "label_confidence", "firing_frequency", "image_frequency", "concentration_ierf",
+           "concentration_act", "purity_ierf", "purity_act", "max_activation", "n_exemplars")
 
 
 def table(cafe) -> list[dict]:
+    labels = cafe.concept_labels
     rows = []
     for r in cafe.latent_rows:
+        lab = labels.get(int(r["latent"]))
+        if lab is not None:
+            r = {**r, "label": lab.name or None, "label_confidence": round(lab.confidence, 3) if lab.name else None}
         row = {k: r.get(k) for k in COLUMNS if k in r}
         if r.get("pushes"):
             row["pushes"] = ", ".join(str(p["class"]) for p in r["pushes"])
         rows.append(row)
     return rows
+
+
+def matches(rows: list[dict], q: str, labels: dict) -> list[dict]:
+    """Rows whose latent id, pushed classes or concept label match ``q`` ("latents labelled stripes", "red",
+    "background:"; :func:`sae_cafe.concepts.search_labels`), label hits first by confidence."""
+    from sae_cafe.concepts import search_labels
+
+    q = q.strip().lower()
+    if not q:
+        return list(rows)
+    by_label = search_labels(labels, q) if labels else []
+    rank = {s: i for i, s in enumerate(by_label)}
+    hit = [r for r in rows if q == str(r["latent"]) or q in str(r.get("pushes", "")).lower() or r["latent"] in rank]
+    return sorted(hit, key=lambda r: rank.get(r["latent"], len(rank)))
+
+
+def _key(v, desc: bool):
+    if isinstance(v, str):
+        return v if not desc else "".join(chr(0x10FFFF - ord(ch)) for ch in v)
+    return -(v or 0) if desc else (v or 0)
 
 
 ctx = C.page_setup("Latent browser")
@@ -35,12 +59,19 @@ if stage is not None:
         rows = None
     if rows is not None:
         has_purity = any(r.get("purity_ierf") is not None for r in rows)
-        st.caption(f"{cafe!r}" + ("" if has_purity else " · purity: n/a (no ground truth for these images)"))
-        q = st.text_input("search (latent id, or a class it pushes)", key="lb_search").strip().lower()
-        shown = [r for r in rows if not q or q == str(r["latent"]) or q in str(r.get("pushes", "")).lower()]
-        sort = st.selectbox("sort by", [c for c in COLUMNS if c in rows[0]], index=1, key="lb_sort")
+        has_labels = bool(cafe.concept_labels)
+        st.caption(f"{cafe!r}" + ("" if has_purity else " · purity: n/a (no ground truth for these images)")
+                   + ("" if has_labels else " · labels: none (stage built without attribute maps, or before "
+                      "labels existed: rebuild it; label a user's images with `sae_cafe.concepts.dissection` or a "
+                      "labeller)"))
+        q = st.text_input("search (latent id, a class it pushes, or a label: 'latents labelled stripes', 'red', "
+                          "'background:')", key="lb_search").strip().lower()
+        shown = matches(rows, q, cafe.concept_labels)
+        cols = [c for c in COLUMNS if c in rows[0]]
+        sort = st.selectbox("sort by", cols, index=cols.index("firing_frequency"), key="lb_sort")
         desc = st.toggle("descending", value=True, key="lb_desc")
-        shown.sort(key=lambda r: (r.get(sort) is None, -(r.get(sort) or 0) if desc else (r.get(sort) or 0)))
+        if not q or sort != "firing_frequency":  # a label search keeps its confidence order unless re-sorted
+            shown.sort(key=lambda r: (r.get(sort) is None, _key(r.get(sort), desc)))
         event = st.dataframe(shown, hide_index=True, key="lb_table", on_select="rerun", selection_mode="single-row",
                              height=320)
         picked = event.selection.rows if event is not None and hasattr(event, "selection") else []

@@ -30,6 +30,30 @@ def load(path: Path):
     return D.load_graph(str(path), path.stat().st_mtime if path.exists() else 0.0)
 
 
+def with_concepts(G, path: Path, collapse: bool):
+    """The graph with concept labels on its nodes (from the run's CAFE stages when the stored graph predates
+    them) and, with ``collapse``, merged onto supernodes: the stored ``graphs/supernodes/<name>`` when the ICAT
+    stage wrote it, else collapsed here from the CAFE stages' labels and decoder directions."""
+    from sae_cafe.concepts.supernodes import annotate_concepts, collapse_graph
+
+    dirs = {}
+    for _, d in G.nodes(data=True):
+        if d.get("kind") == "latent" and d.get("card"):
+            try:
+                dirs[d["layer"]] = D.confine(ctx.root, f"{ctx.run}/{d['card']}")
+            except C.ERRORS:
+                continue
+    labels, supers = D.concepts(dirs)
+    stored = path.parent / "supernodes" / path.name
+    if collapse and stored.exists():
+        return load(stored), "stored"
+    if not any("concept" in d for _, d in G.nodes(data=True)):
+        G = annotate_concepts(G.copy(), labels)
+    if collapse:
+        return (collapse_graph(G, supers), "computed") if supers else (G, "none")
+    return G, ""
+
+
 ctx = C.page_setup("Concept graph")
 stage = C.pick_stage(ctx, "icat", "ICAT stage (model)", "cg_stage") if ctx and ctx.run else None
 if stage is not None:
@@ -62,7 +86,20 @@ if stage is not None:
         except C.ERRORS as e:
             C.show_error(e, f"read {path.name}")
             G = None
+        collapse = st.toggle("collapse onto supernodes (latents with the same label and close decoder directions)",
+                             value=False, key="cg_collapse")
         if G is not None:
+            try:
+                G, how = with_concepts(G, path, collapse)
+            except C.ERRORS as e:
+                C.show_error(e, "read the concept labels")
+                how = ""
+            if collapse:
+                st.caption({"stored": "supernode-collapsed graph written by the ICAT stage",
+                            "computed": "collapsed here from the CAFE stages' labels",
+                            "none": "no supernodes (no labels, or no two latents with one label and close "
+                                    "decoder directions): graph shown uncollapsed"}.get(how, ""))
+                rnodes = None
             route = route_of(G, rnodes)
             st.caption(f"{G.number_of_nodes()} nodes, {G.number_of_edges()} edges · method "
                        f"{G.graph.get('method', '?')}, {G.graph.get('n_images', '?')} image(s) · dominant route "

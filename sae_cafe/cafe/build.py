@@ -11,6 +11,8 @@ Stage layout (``indexes/<run>/cafe/<model>/<layer>/``)::
     exemplars.faiss        exemplar PFVs (ids = exemplar row → exemplars/anchors)
     images.json            image names, labels and the image source path
     class_push.safetensors (S, C) logit change per unit of each latent (only for layers under a linear head)
+    labels.json            concept label per latent (iERF and activation-map evidence; only when built with
+                           ground-truth attribute maps — see ``sae_cafe.concepts``)
 
 The build is resumable (``sae_cafe.artifacts.stage_dir(resume=True)``): the partial state (``resume.json``
 with the inputs' fingerprint, the mining checkpoint ``mining_state.safetensors``, finished anchoring chunks
@@ -43,6 +45,7 @@ from ..artifacts import (
     stage_path,
     write_manifest,
 )
+from ..concepts.label import LABELS_FILE, label_all, labels_document, load_calibration
 from ..errors import ArtifactError, SaeCafeError
 from ..model_record import KEY as MODEL_RECORD
 from ..model_record import record_for, state_hash
@@ -324,10 +327,15 @@ def _build(adapter, sae, layer: str, source: ImageSource, cfg: CafeConfig, work:
     S = state.values.shape[0]
     conc_i, conc_a = concentration(anchors["ierf16"], anchors["ierf_scale"], anchors["act_map"], (H, W))
     table = latent_table(state, ex["ex_latent"], conc_i, conc_a)
+    labels_doc = None
     if attributes is not None:
-        pur = purity_table(anchors, ex, attributes, S, (H, W))
+        shares: dict = {}
+        pur = purity_table(anchors, ex, attributes, S, (H, W), shares_out=shares)
         table.update(pur)
+        labels_doc = stage_labels(shares, ex["ex_latent"], S)
+    t_push = time.perf_counter()
     push = class_push(adapter, sae, layer, x_in, progress=progress)
+    t_push = time.perf_counter() - t_push
     # --- FAISS
     t2 = time.perf_counter()
     ex_index = make_index(ex["ex_pfv"], cfg.index, params=cfg.index_params)
@@ -346,6 +354,8 @@ def _build(adapter, sae, layer: str, source: ImageSource, cfg: CafeConfig, work:
     if push is not None:
         save_file({"class_push": push.contiguous()}, str(d / "class_push.safetensors"))
     atomic_write_json(d / "latents.json", latents_json(table, push, adapter.class_names))
+    if labels_doc is not None:
+        atomic_write_json(d / LABELS_FILE, labels_doc)
     atomic_write_json(d / "images.json", {
         "n": len(source), "names": source.names,
         "labels": [source.label(i) for i in range(len(source))],
@@ -361,11 +371,22 @@ def _build(adapter, sae, layer: str, source: ImageSource, cfg: CafeConfig, work:
         indexes={"exemplars": {"spec": ex_index.spec, "params": ex_index.params, "ntotal": ex_index.ntotal},
                  "decoder": {"spec": dec_index.spec, "params": dec_index.params, "ntotal": dec_index.ntotal}},
         timings={"mine_s": t_mine, "anchor_s": t_anchor, "ierf_s": ierf_seconds, "index_s": t_index,
+                 "class_push_s": t_push,
                  "n_ierf": n_ierf, "ierf_per_s": n_ierf / max(ierf_seconds, 1e-9)},
         has_class_push=push is not None, has_purity=attributes is not None, class_names=adapter.class_names,
         purity_attributes=list(attributes) if attributes is not None else [],
+        has_labels=labels_doc is not None,
         images_source=images_folder(source),
         build_key=hash_json(fp), **{MODEL_RECORD: record_for(adapter).to_json(), **(extra_manifest or {})})
+
+
+def stage_labels(shares: dict[str, list], ex_latent: torch.Tensor, n_latents: int) -> dict:
+    """``labels.json`` of a stage built with attribute maps: every latent's concept label from the iERF
+    (primary) and from the activation map, reusing the per-exemplar shares of the purity table (no extra
+    pass over the maps; :mod:`sae_cafe.concepts.label`)."""
+    cal = load_calibration()
+    return labels_document({k: label_all(v, ex_latent, n_latents, k, cal) for k, v in shares.items()}, "ierf",
+                           calibration=cal)
 
 
 def images_folder(source: ImageSource) -> str | None:

@@ -20,7 +20,8 @@ def _nan_none(x: float) -> float | None:
 
 def card_data(cafe: Cafe, latent: int, n: int = 6) -> dict:
     """The card as JSON: statistics, top-``n`` exemplar records, pushed classes and, for stages built with
-    ground-truth attributes, the (attribute, value) that the latent's iERF purity names (``purity``)."""
+    ground-truth attributes, the (attribute, value) that the latent's iERF purity names (``purity``) and its
+    concept label (``concept``: :class:`sae_cafe.concepts.ConceptLabel` as JSON, None without labels)."""
     t = cafe.latents
     if not 0 <= latent < cafe.n_latents:
         raise SaeCafeError(f"latent {latent} out of range: this CAFE has {cafe.n_latents} latents")
@@ -28,6 +29,8 @@ def card_data(cafe: Cafe, latent: int, n: int = 6) -> dict:
     out = {"latent": latent, "model": cafe.manifest["model"], "layer": cafe.layer, "stats": stats,
            "exemplars": [cafe.record(e).to_json() for e in cafe.exemplar_ids(latent)[:n]], "pushes": None,
            "purity": purity_attributes(cafe, "ierf").get(latent)}
+    lab = cafe.concept_labels.get(latent)
+    out["concept"] = lab.to_json() if lab is not None else None
     push = cafe.class_push
     if push is not None:
         names = cafe.manifest.get("class_names") or None
@@ -80,6 +83,9 @@ def concept_card(cafe: Cafe | str | Path, latent: int, images=None, model=None, 
     title = (f"{cafe.manifest['model']} {cafe.layer} latent {latent}: fires on {100 * s['firing_frequency']:.2f}% "
              f"PFVs; iERF top-10% mass {s['concentration_ierf'] or float('nan'):.2f} vs act "
              f"{s['concentration_act'] or float('nan'):.2f}")
+    if card["concept"] and card["concept"]["name"]:
+        c = card["concept"]
+        title += f"\nlabel: {c['name']} (confidence {c['confidence']:.2f}, {c['calibration']})"
     if card["purity"]:
         p = card["purity"]
         title += f"; iERF purity {p['purity']:.2f} on {p['attribute']} = {p['value']}"

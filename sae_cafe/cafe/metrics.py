@@ -161,11 +161,12 @@ def attribute_mass(maps_EHW: torch.Tensor, images: torch.Tensor, attributes: dic
 
 
 def purity_table(anchors: dict[str, torch.Tensor], ex: dict[str, torch.Tensor], attributes: dict[str, object],
-                 n_latents: int, size: tuple[int, int]) -> dict[str, torch.Tensor]:
+                 n_latents: int, size: tuple[int, int], shares_out: dict | None = None) -> dict[str, torch.Tensor]:
     """(c) per latent: ``purity_ierf``, ``purity_act`` (S,) (NaN where a latent has < 2 exemplars), and the
     (attribute, value) each purity names: ``purity_<kind>_attr`` (S,) int64, the position of the dominant
     attribute in ``list(attributes)`` (the build records that list as ``purity_attributes`` in the manifest),
-    and ``purity_<kind>_value`` (S,) int64, its value id; -1 where the purity is NaN."""
+    and ``purity_<kind>_value`` (S,) int64, its value id; -1 where the purity is NaN. ``shares_out``, when
+    given, receives the per-exemplar shares ``{kind: [attribute_mass rows]}`` (reused by the concept labels)."""
     names = list(attributes)
     E = ex["ex_latent"].shape[0]
     res = {}
@@ -176,6 +177,8 @@ def purity_table(anchors: dict[str, torch.Tensor], ex: dict[str, torch.Tensor], 
             maps = (unpack_maps(anchors["ierf16"][sl], anchors["ierf_scale"][sl]) if kind == "ierf"
                     else upsample_map(anchors["act_map"][sl], size))
             shares += attribute_mass(maps, ex["ex_image"][sl], attributes)
+        if shares_out is not None:
+            shares_out[kind] = shares
         pur = torch.full((n_latents,), float("nan"))
         attr = torch.full((n_latents,), -1, dtype=torch.int64)
         value = torch.full((n_latents,), -1, dtype=torch.int64)

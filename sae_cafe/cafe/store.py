@@ -71,6 +71,14 @@ class Cafe:
         return json.loads((self.path / "images.json").read_text())
 
     @cached_property
+    def concept_labels(self) -> dict:
+        """``{latent: sae_cafe.concepts.ConceptLabel}`` from ``labels.json`` (primary evidence: iERF); {} for a
+        stage built without ground-truth attribute maps (see :mod:`sae_cafe.concepts`)."""
+        from ..concepts.label import read_labels
+
+        return read_labels(self.path)
+
+    @cached_property
     def class_push(self) -> torch.Tensor | None:
         p = self.path / "class_push.safetensors"
         return self._load(p.name)["class_push"] if p.exists() else None

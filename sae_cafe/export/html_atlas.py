@@ -101,6 +101,10 @@ def _card_html(cafe: Cafe, latent: int, n: int, thumbs: _Thumbs) -> str:
     parts = [f'<div class="card" id="{card_anchor(model, cafe.layer, latent)}"><h3>Latent {latent}</h3>',
              f"<p>fires on {_fmt(100 * (s.get('firing_frequency') or 0.0))} % of PFVs · iERF top-10 % mass "
              f"{_fmt(s.get('concentration_ierf'))} vs activation {_fmt(s.get('concentration_act'))}</p>"]
+    if c.get("concept") and c["concept"]["name"]:
+        k = c["concept"]
+        parts.append(f"<p><b>concept:</b> {html.escape(k['name'])} (confidence {_fmt(k['confidence'])}, "
+                     f"{html.escape(k['calibration'])}; runner-up {html.escape(str(k['runner_up']))})</p>")
     if c["purity"]:
         p = c["purity"]
         parts.append(f"<p><b>label:</b> {html.escape(str(p['attribute']))} = {p['value']} "
@@ -169,6 +173,12 @@ def _graphs_html(run_path: Path, notes: list[str]) -> str:
             title = f"{gdir.parent.name}: class graph {html.escape(str(g.get('root', f.stem)))} " \
                     f"({g.get('n_images', '?')} images, {g.get('method', '?')})"
             parts.append(f"<h3>{title}</h3>{graph_svg(data)}")
+            sup = gdir / "supernodes" / f.name  # the same graph collapsed onto supernodes (issue 21)
+            if sup.exists():
+                try:
+                    parts.append(f"<h4>collapsed onto supernodes</h4>{graph_svg(json.loads(sup.read_text()))}")
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    notes.append(f"{sup}: unreadable graph ({e}); skipped")
     return "".join(parts) or "<p>No ICAT class graphs in this run.</p>"
 
 

@@ -1,6 +1,7 @@
 """The exemplar ledger of a CAFE stage as Parquet: one row per exemplar with its provenance (model, weights,
 layer, image id / name / path / label, grid position and receptive-field centre), its activation and rank,
-the latent's purity label (when the stage was built with ground-truth attributes) and evidence statistics
+the latent's purity label and concept label (``concept*`` columns, from the stage's ``labels.json``; both
+only when the stage was built with ground-truth attributes) and evidence statistics
 (iERF positive / negative mass, top-10 % mass share of the iERF and of the activation map, iERF peak).
 
 Written with pyarrow; readable by ``pandas.read_parquet`` / ``pyarrow.parquet.read_table``. The stage's
@@ -61,6 +62,7 @@ def ledger_table(cafe: Cafe | str | Path):
     cols = ex["ex_col"][order].tolist()
     lat = ex["ex_latent"][order].tolist()
     purity = purity_attributes(cafe, "ierf")
+    concept = {s: lab for s, lab in cafe.concept_labels.items() if lab.labelled}  # labels.json (issue 21)
     rec = cafe.manifest.get(MODEL_RECORD) or {}
     freq = cafe.latents.get("firing_frequency")
     cols_out = {
@@ -89,6 +91,12 @@ def ledger_table(cafe: Cafe | str | Path):
         "label_attribute": pa.array([purity.get(s, {}).get("attribute") for s in lat], pa.string()),
         "label_value": pa.array([purity.get(s, {}).get("value") for s in lat], pa.int64()),
         "label_purity": pa.array([purity.get(s, {}).get("purity") for s in lat], pa.float32()),
+        "concept": pa.array([concept[s].name if s in concept else None for s in lat], pa.string()),
+        "concept_attribute": pa.array([concept[s].attribute if s in concept else None for s in lat], pa.string()),
+        "concept_confidence": pa.array([concept[s].confidence if s in concept else None for s in lat], pa.float32()),
+        "concept_raw_confidence": pa.array([concept[s].raw_confidence if s in concept else None for s in lat],
+                                           pa.float32()),
+        "concept_calibration": pa.array([concept[s].calibration if s in concept else None for s in lat], pa.string()),
         "ierf_positive_mass": pa.array(cat(ierf_pos), pa.float32()),
         "ierf_negative_mass": pa.array(cat(ierf_neg), pa.float32()),
         "ierf_top10_share": pa.array(cat(top_ierf), pa.float32()),

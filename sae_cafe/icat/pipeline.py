@@ -7,6 +7,8 @@ Layout::
     routes.json                                dominant route per class (nodes, score, layers)
     cases/<case>.json|.graphml|.png|.svg       correct / misclassified / adversarial per-image graphs
     cases.json                                 case-study summary (predictions, routes, divergence, Jaccard)
+    graphs/supernodes/class_<c>.json|.graphml  class graph collapsed onto supernodes (when the CAFE stages
+                                               carry concept labels; supernodes.json lists the groups)
     manifest.json                              kind "icat", config, upstream SAE/CAFE stages
 """
 
@@ -21,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 from ..artifacts import atomic_write_json, stage_dir, stage_path, write_manifest
+from ..concepts.supernodes import annotate_concepts, cafe_concepts, collapse_graph, concept_node_label
 from ..errors import SaeCafeError
 from ..model_record import KEY as MODEL_RECORD
 from ..model_record import record_for
@@ -62,13 +65,14 @@ def _predict(adapter, x: torch.Tensor, batch_size: int = 128) -> torch.Tensor:
 
 
 def case_studies(adapter, saes: dict, x: torch.Tensor, labels: torch.Tensor, cfg: ICATConfig,
-                 out_dir: Path | None = None, pred: torch.Tensor | None = None, label_fn=None) -> dict:
+                 out_dir: Path | None = None, pred: torch.Tensor | None = None, label_fn=None,
+                 annotate=None) -> dict:
     """Correct, misclassified and adversarial per-image graphs and routes (spec §6).
 
     Each case's route runs to the predicted class; the adversarial case (FGSM or PGD on the correct image)
     is compared with the clean image's route (divergence layer, Jaccard), and the misclassified case with
     the route to its true class on the same image. ``label_fn(node, data)`` labels the figures' nodes
-    (default: the latent id).
+    (default: the latent id); ``annotate(G)`` (optional) edits each graph before it is written.
     """
     layers = cfg.layers
     pred = _predict(adapter, x) if pred is None else pred
@@ -78,6 +82,8 @@ def case_studies(adapter, saes: dict, x: torch.Tensor, labels: torch.Tensor, cfg
 
     def one(name: str, xi: torch.Tensor, root: int, title: str):
         G = build_graph(adapter, saes, xi, layers, int(root), cfg.graph)
+        if annotate is not None:
+            annotate(G)
         r = dominant_route(G)
         cases[name] = {"root_class": int(root), "route": _route_json(G, r), "title": title}
         figs[name] = [(xi, G, r, title)]
@@ -122,7 +128,8 @@ def case_studies(adapter, saes: dict, x: torch.Tensor, labels: torch.Tensor, cfg
 def build_icat(model, saes: dict, images, labels, run: str, root: str | Path | None = None, steps: int = 32,
                layers: Sequence[str] | None = None, config: ICATConfig | None = None,
                model_name: str | None = None, upstream: dict[str, str | Path] | None = None,
-               classes: Sequence[int] | None = None) -> Path:
+               classes: Sequence[int] | None = None, direction: torch.Tensor | None = None,
+               direction_name: str = "direction") -> Path:
     """Write the ICAT stage of ``model`` with ``saes`` {layer: sae_lens.SAE} on ``images`` (anything
     ``adapter.preprocess`` takes, or an (N, 3, H, W) tensor) with class ``labels`` (N,).
 
@@ -130,6 +137,11 @@ def build_icat(model, saes: dict, images, labels, run: str, root: str | Path | N
     ``config.max_images_per_class``); routes and case studies as in the module docstring. Returns the
     stage directory. ``upstream`` (e.g. SAE and CAFE stage directories) is recorded in the manifest; by
     default the run's ``saes/<model>/<layer>`` and ``cafe/<model>/<layer>`` directories that exist.
+
+    ``direction`` (K,): a headless backbone (or any model) explained along a direction of its output: one graph
+    ``graphs/class_0`` rooted at ⟨output, direction⟩ (named ``direction_name``) over the first
+    ``config.max_images_per_class`` images; ``labels`` are then unused and there are no case studies (they
+    need classes). The direction is saved as ``direction.safetensors``.
     """
     adapter = get_adapter(model)
     cfg = config or ICATConfig()
@@ -139,8 +151,14 @@ def build_icat(model, saes: dict, images, labels, run: str, root: str | Path | N
         raise SaeCafeError("build_icat needs SAEs for at least one layer")
     name = model_name or adapter.name
     x = adapter.preprocess(images)
-    labels = torch.as_tensor(labels).long().to(x.device)
-    pred = _predict(adapter, x)
+    readout = None
+    if direction is not None:
+        readout = torch.as_tensor(direction).detach().float().flatten()[None].to(x.device)  # (1, K)
+        labels = torch.zeros(len(x), dtype=torch.long, device=x.device)  # every image explains the one root
+        pred, classes, cfg.cases = labels.clone(), [0], False
+    else:
+        labels = torch.as_tensor(labels).long().to(x.device)
+        pred = _predict(adapter, x)
     final = stage_path(run, "icat", name, root=root)
     if upstream is None:
         upstream = {}
@@ -149,6 +167,8 @@ def build_icat(model, saes: dict, images, labels, run: str, root: str | Path | N
                 p = stage_path(run, kind, name, layer, root=root)
                 if p.exists():
                     upstream[f"{kind}/{layer}"] = p
+    # concept labels of the CAFE stages (nodes get "concept"; graphs/supernodes/ holds supernode-collapsed graphs)
+    concepts, supers = cafe_concepts({n: stage_path(run, "cafe", name, n, root=root) for n in cfg.layers})
     with stage_dir(final) as tmp:
         gdir = tmp / "graphs"
         gdir.mkdir()
@@ -158,22 +178,38 @@ def build_icat(model, saes: dict, images, labels, run: str, root: str | Path | N
             idx = ((labels == c) & (pred == c)).nonzero()[:, 0][:cfg.max_images_per_class]
             if len(idx) == 0:
                 continue
-            G = build_graph(adapter, saes, x[idx], cfg.layers, int(c), cfg.graph)
+            cname = (direction_name if readout is not None
+                     else adapter.class_names[c] if adapter.class_names else str(c))
+            G = build_graph(adapter, saes, x[idx], cfg.layers, int(c), cfg.graph, readout=readout,
+                            root_label=f"⟨output, {direction_name}⟩" if readout is not None else None)
+            annotate_concepts(G, concepts)
             r = dominant_route(G)
             write_graph(G, gdir, f"class_{c}")
-            cname = adapter.class_names[c] if adapter.class_names else str(c)
-            graph_figure(G, gdir / f"class_{c}", r, f"{name}: class {cname} ({len(idx)} images)")
+            if supers:
+                write_graph(collapse_graph(G, supers), gdir / "supernodes", f"class_{c}")
+            graph_figure(G, gdir / f"class_{c}", r, f"{name}: class {cname} ({len(idx)} images)",
+                         label_fn=concept_node_label)
             routes[str(c)] = {"class_name": cname, "n_images": len(idx), **_route_json(G, r)}
             graphs.append(G)
         if graphs:
             write_graph(nx.compose_all(graphs), gdir, "dataset")
         atomic_write_json(tmp / "routes.json", routes)
+        if supers:
+            atomic_write_json(tmp / "supernodes.json", {k: v.to_json() for k, v in supers.items()})
         cases = {}
         if cfg.cases:
             (tmp / "cases").mkdir()
-            cases = case_studies(adapter, saes, x, labels, cfg, tmp / "cases", pred)
+            cases = case_studies(adapter, saes, x, labels, cfg, tmp / "cases", pred,
+                                 annotate=lambda G: annotate_concepts(G, concepts))
+        if readout is not None:
+            from safetensors.torch import save_file
+
+            save_file({"direction": readout[0].cpu().contiguous()}, str(tmp / "direction.safetensors"))
         write_manifest(tmp, "icat", asdict(cfg), upstream, model=name, layers=cfg.layers,
-                       n_images=len(x), accuracy=float((pred == labels).float().mean()),
+                       n_images=len(x),
+                       accuracy=None if readout is not None else float((pred == labels).float().mean()),
+                       target=({"kind": "direction", "name": direction_name, "file": "direction.safetensors"}
+                               if readout is not None else {"kind": "class"}),
                        classes=list(routes), cases=sorted(cases),
                        **{MODEL_RECORD: record_for(adapter).to_json()})
     return final

@@ -96,6 +96,10 @@ def build(ctx, m, layer: str, notes: list[str]) -> dict[str, Any]:
         cards.append(str(card.get("png", "")))
     man = cafe.manifest
     ierf = man.get("timings", {}).get("ierf_per_s")
+    # concept labels (labels.json, written by build_cafe from the world's attribute maps); a user's image folder
+    # has none: label it with sae_cafe.concepts.dissection (a mask folder) or a labeller
+    labelled = sum(1 for lab in cafe.concept_labels.values() if lab.labelled) if man.get("has_labels") else None
     return {"latents": man.get("n_latents"), "exemplars": man.get("n_exemplars"), "index": index,
             "ierf_per_s": round(float(ierf), 1) if isinstance(ierf, (int, float)) else ierf, "cards": len(cards),
+            "labelled_latents": labelled,
             "card_png": cards[0] if cards else None}
