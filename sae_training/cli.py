@@ -42,6 +42,19 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
     p.add_argument("--eval-images", default=None, help="held-out images for accuracy/KL with the SAE spliced in")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints of an interrupted run")
+    s = p.add_argument_group("streamed training (--stream: no activation shards; see docs/streaming.md)")
+    s.add_argument("--stream", action="store_true",
+                   help="train SAEs for several layers/architectures at once from the model's forward passes "
+                        "over --images (sae-lens MultiSAETrainer), instead of from activation shards")
+    s.add_argument("--images", default=None, help="image folder (or file) the model is run over (--stream)")
+    s.add_argument("--layers", nargs="+", default=None, help="layer ids, one SAE per layer and variant (--stream)")
+    s.add_argument("--architectures", nargs="+", choices=ARCHITECTURES, default=None,
+                   help="SAE architectures trained side by side (--stream; default: --architecture)")
+    s.add_argument("--expansions", nargs="+", type=int, default=None,
+                   help="SAE sizes (d_sae = expansion × d_in) trained side by side (--stream; default: --expansion)")
+    s.add_argument("--tokens", type=int, default=None,
+                   help="PFVs per SAE (--stream; sets --steps = ceil(tokens / batch size))")
+    s.add_argument("--image-batch-size", type=int, default=32, help="images per forward pass (--stream)")
     p.set_defaults(func=_train)
 
     e = subparsers.add_parser("eval-sae", help="evaluate an SAE (any sae-lens SAE directory)")
@@ -112,6 +125,12 @@ def _table(title: str, rows: dict[str, Any]) -> None:
 def _train(args: argparse.Namespace) -> int:
     from .train import train_sae
 
+    if getattr(args, "stream", False):
+        return _train_stream(args)
+    stream_only = [f"--{n.replace('_', '-')}" for n in ("images", "layers", "architectures", "expansions", "tokens")
+                   if getattr(args, n, None) is not None]
+    if stream_only:
+        raise SaeCafeError(f"{', '.join(stream_only)} only apply to streamed training; add --stream")
     cfg = config_from_args(args)
     acts = _acts_dir(args)
     model = None
@@ -140,4 +159,48 @@ def _eval(args: argparse.Namespace) -> int:
     res = evaluate_sae(args.sae, acts=args.acts, model=model, images=args.images, max_pfvs=args.max_pfvs,
                        out_dir=args.out)
     _table(f"SAE at {args.sae}", res)
+    return 0
+
+
+def _train_stream(args: argparse.Namespace) -> int:
+    """``train-sae --stream``: every (layer, architecture, expansion) SAE from one stream of forward passes."""
+    import math
+
+    from sae_cafe.artifacts import run_dir
+    from sae_cafe.model_record import resolve_run_model
+
+    from .stream import SHARED, StreamConfig, StreamSAE, train_saes_streaming
+
+    if not (args.model and args.images):
+        raise SaeCafeError("--stream needs --model (the model to run) and --images (the images to run it over)")
+    layers = args.layers or ([args.layer] if args.layer else None)
+    if not layers:
+        raise SaeCafeError("--stream needs --layers L [L ...] (or --layer L)")
+    if args.seconds is not None:
+        raise SaeCafeError("--stream has a step budget only: give --steps or --tokens instead of --seconds")
+    if args.holdout is not None:
+        raise SaeCafeError("--stream keeps no held-out split (the PFVs are not stored): drop --holdout and pass "
+                           "held-out images with --eval-images")
+    base = config_from_args(args)
+    steps = math.ceil(args.tokens / base.batch_size) if args.tokens else base.steps
+    shared = {f: getattr(base, f) for f in SHARED if f not in ("steps",)}
+    cfg = StreamConfig(steps=int(steps), image_batch_size=args.image_batch_size, seed=base.seed,
+                       buffer_rows=base.buffer_rows, **shared)
+    archs = args.architectures or [base.architecture]
+    exps = args.expansions or [base.expansion]
+    variants = [(a, e) for a in archs for e in exps]
+    specs = []
+    for layer in layers:
+        for i, (a, e) in enumerate(variants):
+            name = None if i == 0 else (a if len(exps) == 1 else f"{a}-x{e}")
+            specs.append(StreamSAE(layer, dataclasses.replace(base, architecture=a, expansion=e,
+                                                              d_sae=None if len(exps) > 1 else base.d_sae), name))
+    adapter = resolve_run_model(run_dir(args.run, args.root), args.model, args.weights, args.device)
+    res = train_saes_streaming(adapter, args.images, specs, cfg, run=args.run, root=args.root,
+                               resume=not args.no_resume, eval_images=args.eval_images)
+    for name, r in res["saes"].items():
+        tr = r["training"]
+        _table(f"SAE {name} {tr['architecture']} d_sae={tr['d_sae']} → {r['sae_dir']}",
+               {"steps": tr["steps"], "train seconds": tr["train_seconds"],
+                "samples/s (all SAEs)": tr["samples_per_second"], **r.get("eval", {})})
     return 0
