@@ -42,6 +42,13 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default=None, help="cpu | cuda (default: cpu)")
     p.add_argument("--eval-images", default=None, help="held-out images for accuracy/KL with the SAE spliced in")
     p.add_argument("--no-resume", action="store_true", help="ignore checkpoints of an interrupted run")
+    p.add_argument("--token-kinds", choices=["patch", "all", "cls"], default=None,
+                   help="ViT token kinds trained on (SAETrainConfig.tokens; default patch); they must be in the shards")
+    p.add_argument("--outliers", choices=["report", "exclude"], default=None,
+                   help="high-norm outlier rows flagged at extraction: train on them with a note (default report) "
+                        "or leave them out")
+    p.add_argument("--normalize", default=None, help="sae-lens normalize_activations (default "
+                   "expected_average_only_in: mean PFV norm √d_in, factor recorded and folded into the weights; none)")
     s = p.add_argument_group("streamed training (--stream: no activation shards; see docs/streaming.md)")
     s.add_argument("--stream", action="store_true",
                    help="train SAEs for several layers/architectures at once from the model's forward passes "
@@ -87,10 +94,12 @@ def config_from_args(args: argparse.Namespace):
     unknown = set(values) - names
     if unknown:
         raise SaeCafeError(f"{args.config}: unknown keys {sorted(unknown)}; valid keys: {sorted(names)}")
-    for f in names:
+    for f in names - {"tokens"}:  # args.tokens is the --stream PFV budget; the token kinds are --token-kinds
         v = getattr(args, f, None)
         if v is not None:
             values[f] = v
+    if getattr(args, "token_kinds", None) is not None:
+        values["tokens"] = args.token_kinds
     return SAETrainConfig(**values)
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -26,6 +27,28 @@ def holdout_split(n_images: int, holdout: float) -> tuple[tuple[int, int], tuple
     return (0, cut), (cut, n_images)
 
 
+@torch.no_grad()
+def training_rows(reader: ShardReader, image_range: tuple[int, int] | None = None, tokens: str | None = "patch",
+                  exclude_outliers: bool = False) -> dict[str, Any]:
+    """One pass over the shards: the rows an SAE trains on (``tokens``, outliers kept or not, images in
+    ``image_range``) — ``n`` rows, their exact ``mean_norm`` (float64) and ``outliers`` (flagged rows among
+    them; with ``exclude_outliers`` the number left out instead, under ``outliers_excluded``)."""
+    n, total, flagged, excluded = 0, 0.0, 0, 0
+    for sh in reader.iter_shards():
+        m = reader.row_mask(sh, tokens, False, image_range)
+        acts, out = (sh["acts"], sh["outlier"]) if m is None else (sh["acts"][m], sh["outlier"][m])
+        if exclude_outliers:
+            keep = out == 0
+            excluded += int((~keep).sum())
+            acts, out = acts[keep], out[keep]
+        n += acts.shape[0]
+        flagged += int(out.sum())
+        for c in range(0, acts.shape[0], 8192):  # float64 in chunks (bounded memory)
+            total += float(acts[c:c + 8192].double().norm(dim=-1).sum())
+    return {"n": n, "mean_norm": total / n if n else float("nan"),
+            "outliers": flagged, "outliers_excluded": excluded}
+
+
 class ShardDataProvider:
     """Infinite shuffled batches of PFVs from an ``acts`` stage.
 
@@ -39,14 +62,18 @@ class ShardDataProvider:
         acts: an acts stage directory or a :class:`ShardReader`.
         batch_size: rows per batch.
         image_range: only PFVs of images with index in ``[lo, hi)`` (hold-out split).
+        tokens: only rows of these token kinds (``"patch"``, ``"all"``, ``"cls"``; None: every row).
+        exclude_outliers: leave out rows flagged as high-norm outliers at extraction.
         buffer_rows: mixing-buffer size (default: about 256 MB of fp32, at least 8 batches).
         dtype, device: of the served batches.
     """
 
     def __init__(self, acts: str | Path | ShardReader, batch_size: int = 4096,
                  image_range: tuple[int, int] | None = None, buffer_rows: int | None = None, seed: int = 0,
-                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu"):
+                 dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu", tokens: str | None = None,
+                 exclude_outliers: bool = False):
         self.reader = acts if isinstance(acts, ShardReader) else ShardReader(acts)
+        self.tokens, self.exclude_outliers = tokens, bool(exclude_outliers)
         self.batch_size = int(batch_size)
         self.image_range = image_range
         d = self.reader.d_in
@@ -72,14 +99,16 @@ class ShardDataProvider:
         return s["last_image"] >= lo and s["first_image"] < hi
 
     def n_rows(self) -> int:
-        """PFV rows available in the image range (reads the shards' image columns)."""
-        if self.image_range is None:
+        """PFV rows served from: in the image range, of the token kinds, outliers left out or not (reads the
+        shards' provenance columns)."""
+        if self.image_range is None and self.tokens in (None, "all") and not self.exclude_outliers:
             return self.reader.n
-        return sum(int(self._mask(self.reader.load_shard(i)["image"]).sum()) for i in self.shard_ids)
-
-    def _mask(self, image: torch.Tensor) -> torch.Tensor:
-        lo, hi = self.image_range
-        return (image >= lo) & (image < hi)
+        total = 0
+        for i in self.shard_ids:
+            sh = self.reader.load_shard(i)
+            m = self.reader.row_mask(sh, self.tokens, self.exclude_outliers, self.image_range)
+            total += sh["acts"].shape[0] if m is None else int(m.sum())
+        return total
 
     def _next_shard(self) -> torch.Tensor:
         if not self._order:
@@ -88,10 +117,9 @@ class ShardDataProvider:
             self.epoch += 1
         sh = self.reader.load_shard(self._order.pop())
         acts = sh["acts"]
-        if self.image_range is not None:
-            m = self._mask(sh["image"])
-            if not m.all():
-                acts = acts[m]
+        m = self.reader.row_mask(sh, self.tokens, self.exclude_outliers, self.image_range)
+        if m is not None:
+            acts = acts[m]
         return acts.to(self.dtype)
 
     def _batches(self) -> Iterator[torch.Tensor]:
@@ -104,7 +132,8 @@ class ShardDataProvider:
                 parts.append(a)
                 rows += a.shape[0]
                 if self.epoch > 2 and rows == 0:
-                    raise SaeCafeError(f"no PFVs in image range {self.image_range} at {self.reader.directory}")
+                    raise SaeCafeError(f"no PFVs in image range {self.image_range} (tokens={self.tokens!r}, "
+                                       f"exclude_outliers={self.exclude_outliers}) at {self.reader.directory}")
             buf = torch.cat(parts)
             buf = buf[torch.randperm(buf.shape[0], generator=self.gen)]
             serve = max(bs, (buf.shape[0] // 2) // bs * bs)

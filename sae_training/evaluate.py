@@ -20,7 +20,7 @@ from sae_cafe.errors import SaeCafeError
 from sae_cafe.image_source import ImageSource
 from sae_cafe.labels import Labels, labels_for_source
 from sae_cafe.models import get_adapter
-from sae_cafe.saes import check_sae_fits, load_sae, reconstruct_layer
+from sae_cafe.saes import check_sae_fits, load_sae, reconstruct_layer, sae_tokens, token_rows
 
 DEAD_MIN_PFVS = 100_000
 
@@ -163,7 +163,10 @@ def _eval_on_acts(sae_dir: Path, acts: Any, image_range: tuple[int, int] | None,
                    reader.weights_hash, source=f"SAE at {sae_dir}")
     stats = _PFVStats(sae.cfg.d_in, sae.cfg.d_sae)
     total = 0
-    for acts_b, img, _pos in reader.iter_batches(8192, dtype=torch.float32, with_provenance=True):
+    info = sae.cfg.metadata.get("sae_cafe") or {}  # the token kinds / outlier rows the SAE was trained on
+    for acts_b, img, _pos in reader.iter_batches(8192, dtype=torch.float32, with_provenance=True,
+                                                 tokens=sae_tokens(sae),
+                                                 exclude_outliers=info.get("outliers") == "exclude"):
         if image_range is not None:
             m = (img >= image_range[0]) & (img < image_range[1])
             if not m.any():
@@ -200,7 +203,7 @@ def _eval_on_images(sae_dir: Path, model: Any, images: Any, labels: Any, max_pfv
         act = got["act"]
         batch = adapter.to_pfv(act)
         if stats.n < max_pfvs:
-            flat = batch.pfv.reshape(-1, batch.pfv.shape[-1])
+            flat = token_rows(sae, adapter, batch)  # the token kinds the SAE was trained on
             stats.add(sae, flat[: max_pfvs - stats.n])
         rec = reconstruct_layer(sae, adapter, act)
         logits_sp = adapter.forward_from(layer, rec, x)

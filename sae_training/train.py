@@ -13,6 +13,7 @@ import dataclasses
 import json
 import shutil
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from sae_cafe.activations import ShardReader
 from sae_cafe.activations.extract import dataset_hash
+from sae_cafe.activations.shards import check_tokens
 from sae_cafe.artifacts import (
     MANIFEST,
     atomic_write_json,
@@ -35,7 +37,7 @@ from sae_cafe.artifacts import (
 from sae_cafe.errors import ArtifactError, SaeCafeError
 
 from .checkpoint import check_seams, latest_checkpoint, load_checkpoint, read_checkpoint_state, save_checkpoint
-from .data import ShardDataProvider, holdout_split
+from .data import ShardDataProvider, holdout_split, training_rows
 
 ARCHITECTURES = ("standard", "topk", "batchtopk", "jumprelu", "matryoshka_batchtopk")
 CHECKPOINTS = "checkpoints"
@@ -48,7 +50,16 @@ class SAETrainConfig:
     ``k``: active latents (topk/batchtopk/matryoshka; default min(32, d_in // 8)). ``l1_coefficient``:
     standard SAE sparsity; ``l0_coefficient``: JumpReLU. ``steps``/``seconds``: budget (first reached
     stops). ``holdout``: fraction of images (last ones) kept out of training for evaluation.
-    ``normalize``: sae-lens ``normalize_activations`` (folded into the weights on export).
+    ``tokens``: the token kinds trained on — ``"patch"`` (default: grid positions), ``"all"`` (also ViT
+    class / register / distillation tokens) or ``"cls"`` (class tokens); they must have been extracted.
+    ``outliers``: rows flagged as high-norm outliers at extraction are trained on with a note (``"report"``)
+    or left out (``"exclude"``).
+    ``normalize``: sae-lens ``normalize_activations``. ``"expected_average_only_in"`` (default) scales the
+    PFVs by ``√d_in / mean norm``, the mean taken exactly over the training rows (tokens, outliers and held-out
+    images as above), so their mean norm is √d_in; the factor is recorded (manifest and cfg metadata
+    ``activation_norm``) and folded into the exported weights by sae-lens
+    (``fold_activation_norm_scaling_factor``), so the SAE encodes and reconstructs in the model's units.
+    ``"none"`` trains on raw PFVs.
     ``lr``: default ``3e-3 · sqrt(384 / d_sae)`` clipped to [1e-4, 3e-3]. ``aux_loss_coefficient`` and a short
     ``dead_feature_window`` (steps) drive sae-lens's dead-latent auxiliary loss (topk-family SAEs);
     these defaults gave < 10 % dead latents on the concept-world mini models.
@@ -74,6 +85,8 @@ class SAETrainConfig:
     feature_sampling_window: int = 500
     n_checkpoints: int = 4
     holdout: float = 0.1
+    tokens: str = "patch"
+    outliers: str = "report"
     buffer_rows: int | None = None
     seed: int = 0
     device: str = "cpu"
@@ -240,7 +253,8 @@ def train_sae(acts_dir: str | Path, out_dir: str | Path | None = None, architect
 
     Returns the metrics: training summary and the evaluation of the SAE as reloaded from disk on the
     held-out images' PFVs (explained variance, L0, dead/dense latents) and, with ``model`` and
-    ``eval_images``, accuracy and logit KL with the SAE spliced in.
+    ``eval_images``, accuracy and logit KL with the SAE spliced in; ``notes``: sentences also recorded in the
+    manifest and warned (high-norm outlier rows trained on or left out, shards without an outlier report).
     """
     reader = ShardReader(acts_dir)
     if config is None:
@@ -250,6 +264,9 @@ def train_sae(acts_dir: str | Path, out_dir: str | Path | None = None, architect
         config = dataclasses.replace(config, **overrides)
     if config.steps is None and config.seconds is None:
         raise SaeCafeError("give a training budget: steps and/or seconds")
+    check_tokens(config.tokens, "SAE training tokens")
+    if config.outliers not in ("report", "exclude"):
+        raise SaeCafeError(f"outliers={config.outliers!r}; use 'report' or 'exclude'")
     final = Path(out_dir) if out_dir is not None else default_sae_dir(reader.directory)
     if final.exists() and (final / MANIFEST).exists() and not overwrite:
         raise ArtifactError(f"{final} already holds an SAE; pass overwrite=True (CLI --overwrite)")
@@ -258,6 +275,7 @@ def train_sae(acts_dir: str | Path, out_dir: str | Path | None = None, architect
         raise SaeCafeError(f"holdout={config.holdout} leaves no held-out image of the {reader.n_images} in "
                            f"{reader.directory} to evaluate the SAE on; set holdout > 0 (with at least 2 images), "
                            "pass eval_images (and model), or evaluate=False")
+    rows, notes = _training_rows(reader, config, train_rng)
     dataset_name = reader.manifest.get("dataset", {}).get("name")
     metadata = {
         "model_name": reader.model, "hook_name": reader.layer, "weights_hash": reader.weights_hash,
@@ -266,7 +284,9 @@ def train_sae(acts_dir: str | Path, out_dir: str | Path | None = None, architect
         "sae_cafe": {"pfv_layout": reader.manifest.get("pfv_layout"), "grid": list(reader.grid),
                      "layer_kind": reader.manifest.get("layer_kind"), "family": reader.manifest.get("family"),
                      "preprocessing": reader.manifest.get("preprocessing"),
-                     "train_images": list(train_rng), "held_out_images": list(held_rng)},
+                     "train_images": list(train_rng), "held_out_images": list(held_rng),
+                     "tokens": config.tokens, "outliers": config.outliers,
+                     "activation_norm": _activation_norm(config, reader.d_in, rows)},
     }
     key = hash_json({"config": config, "acts": reader.manifest.get("extract_key"), "n": reader.n})
     tmp = temp_stage_path(final)
@@ -276,8 +296,8 @@ def train_sae(acts_dir: str | Path, out_dir: str | Path | None = None, architect
         sae = None
     else:
         sae, train_metrics = _train(reader, final, tmp, config, key, metadata, train_rng, held_rng, dataset_name,
-                                    resume, progress)
-    metrics: dict[str, Any] = {"sae_dir": str(final), "training": train_metrics}
+                                    resume, progress, rows, notes)
+    metrics: dict[str, Any] = {"sae_dir": str(final), "training": train_metrics, "notes": notes}
     if evaluate:
         from .evaluate import evaluate_sae
 
@@ -292,6 +312,47 @@ def train_sae(acts_dir: str | Path, out_dir: str | Path | None = None, architect
     return metrics
 
 
+def _training_rows(reader: ShardReader, config: SAETrainConfig, train_rng: tuple[int, int]
+                   ) -> tuple[dict[str, Any], list[str]]:
+    """The training rows' count, mean norm and outliers (:func:`.data.training_rows`) and the notes to record;
+    a token setting that selects no row is an error saying what the shards hold."""
+    exclude = config.outliers == "exclude"
+    rows = training_rows(reader, train_rng, config.tokens, exclude)
+    by_kind = (reader.manifest.get("counts") or {}).get("by_kind")
+    if rows["n"] == 0:
+        raise SaeCafeError(f"tokens={config.tokens!r} selects no training PFV at {reader.directory}: the shards were "
+                           f"extracted with tokens={reader.tokens!r}" + (f" (rows per kind: {by_kind})" if by_kind
+                                                                        else "")
+                           + "; re-extract with that token setting (extract tokens='all' or 'cls') or train on "
+                             "the tokens the shards hold")
+    notes = []
+    report = reader.outlier_report
+    if report is None:
+        notes.append(f"{reader.directory} predates the high-norm outlier report: its tokens were not checked "
+                     "for outliers (re-extract to get the report)")
+    elif report.get("n") and not exclude and rows["outliers"]:
+        notes.append(f"trained on {rows['outliers']} high-norm outlier rows of {rows['n']} (flagged at extraction, "
+                     f"norm up to {report['norm_ratio']['max']:.1f}× the image's median); set outliers='exclude' "
+                     "to leave them out")
+    elif exclude and rows["outliers_excluded"]:
+        notes.append(f"left out {rows['outliers_excluded']} high-norm outlier rows (outliers='exclude')")
+    for note in notes:
+        warnings.warn(note, stacklevel=3)
+    return rows, notes
+
+
+def _activation_norm(config: SAETrainConfig, d_in: int, rows: dict[str, Any]) -> dict[str, Any]:
+    """The record of the activation normalisation (manifest and cfg metadata ``activation_norm``)."""
+    out: dict[str, Any] = {"normalize": config.normalize}
+    if config.normalize == "expected_average_only_in":
+        out.update(scaling_factor=d_in ** 0.5 / rows["mean_norm"], mean_norm=rows["mean_norm"],
+                   target_mean_norm=d_in ** 0.5, rows=rows["n"], folded_into_weights=True,
+                   how="x · scaling_factor before encoding, x̂ / scaling_factor after decoding; folded into "
+                       "W_enc, W_dec, b_dec by sae-lens fold_activation_norm_scaling_factor, so the exported "
+                       "SAE works in the model's units")
+    return out
+
+
 def _publish(tmp: Path, final: Path) -> None:
     shutil.rmtree(tmp / CHECKPOINTS, ignore_errors=True)
     (tmp / "run_key.json").unlink(missing_ok=True)
@@ -300,7 +361,7 @@ def _publish(tmp: Path, final: Path) -> None:
 
 def _train(reader: ShardReader, final: Path, tmp: Path, config: SAETrainConfig, key: str,
            metadata: dict[str, Any], train_rng: tuple[int, int], held_rng: tuple[int, int],
-           dataset_name: str | None, resume: bool, progress: bool):
+           dataset_name: str | None, resume: bool, progress: bool, rows: dict[str, Any], notes: list[str]):
     """Train (resuming from the checkpoints in ``tmp``), export into ``tmp`` and publish it as ``final``.
 
     Kill-safe at every point: the temporary stage keeps ``run_key.json`` and the checkpoints until the
@@ -322,9 +383,13 @@ def _train(reader: ShardReader, final: Path, tmp: Path, config: SAETrainConfig, 
 
     sae = make_training_sae(config, reader.d_in, metadata)
     provider = ShardDataProvider(reader, config.batch_size, image_range=train_rng, seed=config.seed,
-                                 buffer_rows=config.buffer_rows, device=config.device)
+                                 buffer_rows=config.buffer_rows, device=config.device, tokens=config.tokens,
+                                 exclude_outliers=config.outliers == "exclude")
     total_steps = int(config.steps) if config.steps is not None else 10 ** 9 // config.batch_size
     trainer = make_trainer(sae, provider, config, total_steps)
+    norm = metadata["sae_cafe"]["activation_norm"]
+    if "scaling_factor" in norm:  # the exact factor (sae-lens would estimate it from a few batches)
+        trainer.activation_scaler.scaling_factor = float(norm["scaling_factor"])
     elapsed0, history = 0.0, []
     latest = latest_checkpoint(ckpt_dir) if resume else None
     if latest is not None:
@@ -354,6 +419,10 @@ def _train(reader: ShardReader, final: Path, tmp: Path, config: SAETrainConfig, 
                    weights_hash=reader.weights_hash, model_record=reader.manifest.get("model_record"),
                    dataset=dataset_name, train_images=list(train_rng),
                    held_out_images=list(held_rng), sae_lens_files=["cfg.json", "sae_weights.safetensors"],
+                   tokens=config.tokens, outliers=config.outliers,
+                   activation_norm=metadata["sae_cafe"]["activation_norm"],
+                   training_rows={k: rows[k] for k in ("n", "outliers", "outliers_excluded")},
+                   outlier_report=reader.outlier_report, notes=notes,
                    training={k: v for k, v in train_metrics.items() if k != "history"}, run_key=key)
     _publish(tmp, final)
     return sae, train_metrics

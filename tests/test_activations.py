@@ -237,3 +237,167 @@ def test_logit_sampling_records_its_relevance(tmp_path, resnet, images, monkeypa
     u = extract_activations(resnet, images[:6], "layer3", root=tmp_path / "uni", positions_per_image=3,
                             progress=False)["layer3"]
     assert ShardReader(u).manifest["sampling_relevance"] is None  # uniform sampling uses no relevance
+
+
+# ----- token kinds and high-norm outliers --------------------------------------------------------------------
+def _vit(**kw):
+    from timm.models.vision_transformer import VisionTransformer
+
+    from sae_cafe.models import make_adapter
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5, **kw)
+    return make_adapter(m.eval(), "tiny_vit_reg", resize=None)
+
+
+def test_token_kinds_round_trip_through_shards(tmp_path, images):
+    """Every stored row keeps its token kind; tokens='all' / 'cls' / 'patch' store exactly those rows, equal to
+    the layer's tokens; include_cls=True is tokens='all'."""
+    from sae_cafe.activations.shards import TOKEN_KINDS
+
+    vit = _vit(reg_tokens=2)
+    x = images[:3]
+    with torch.no_grad():
+        tok = vit.capture(x, ["blocks.1"])["blocks.1"]  # (3, 3 + 16, 32): cls, 2 registers, 16 patches
+    kinds_img = ["cls", "register", "register"] + ["patch"] * 16
+    for tokens, sel in (("all", list(range(19))), ("cls", [0]), ("patch", list(range(3, 19)))):
+        d = extract_activations(vit, x, "blocks.1", root=tmp_path / tokens, tokens=tokens, progress=False)
+        r = ShardReader(d["blocks.1"])
+        assert r.tokens == tokens and r.manifest["config"]["tokens"] == tokens
+        assert r.manifest["pfv_layout"]["prefix_kinds"] == ["cls", "register", "register"]
+        assert r.n == 3 * len(sel)
+        got = r.kinds(torch.arange(r.n))
+        assert got == [kinds_img[j] for j in sel] * 3
+        want = tok[:, sel].reshape(-1, 32)
+        assert torch.equal(r[torch.arange(r.n)], want)
+        by_kind = {k: got.count(k) for k in TOKEN_KINDS if got.count(k)}
+        assert r.manifest["counts"]["by_kind"] == by_kind
+        prov = r.provenance(torch.arange(r.n))
+        prefix = torch.tensor([k != "patch" for k in got])
+        assert bool((prov[prefix, 1] == -1).all()) and bool((prov[~prefix, 1] >= 0).all())
+    old = extract_activations(vit, x, "blocks.1", root=tmp_path / "old", include_cls=True, progress=False)
+    assert ShardReader(old["blocks.1"]).tokens == "all"
+
+
+def test_distillation_token_kind(tmp_path, images):
+    from timm.models.deit import VisionTransformerDistilled
+
+    from sae_cafe.models import make_adapter
+
+    torch.manual_seed(0)
+    m = VisionTransformerDistilled(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5)
+    vit = make_adapter(m.eval(), "tiny_deit_distilled", resize=None)
+    d = extract_activations(vit, images[:2], "blocks.0", root=tmp_path, tokens="all", progress=False)
+    r = ShardReader(d["blocks.0"])
+    assert r.kinds(torch.arange(r.n))[:3] == ["cls", "dist", "patch"]
+    assert r.manifest["counts"]["by_kind"] == {"patch": 32, "cls": 2, "dist": 2}
+
+
+def test_token_settings_are_checked(tmp_path, resnet, images):
+    from sae_cafe.errors import SaeCafeError
+
+    with pytest.raises(SaeCafeError, match="tokens='pixels' is not a token setting"):
+        extract_activations(resnet, images[:2], "layer2", root=tmp_path, tokens="pixels", progress=False)
+    with pytest.raises(SaeCafeError, match="has no class token"):
+        extract_activations(resnet, images[:2], "layer2", root=tmp_path, tokens="cls", progress=False)
+    with pytest.raises(SaeCafeError, match="leave it unset"):
+        extract_activations(_vit(), images[:2], "blocks.1", root=tmp_path, tokens="cls", positions_per_image=3,
+                            progress=False)
+
+
+def test_old_shards_without_kind_column_stay_readable(tmp_path, images):
+    """Shards written before the kind/outlier columns: grid rows read as patch, prefix rows as cls (token 0)
+    or register; nothing is flagged; the extraction setting is read from include_cls."""
+    from safetensors.torch import load_file, save_file
+
+    vit = _vit(reg_tokens=1)
+    d = extract_activations(vit, images[:2], "blocks.1", root=tmp_path, tokens="all", progress=False)["blocks.1"]
+    new = ShardReader(d)
+    kinds_new = new.kinds(torch.arange(new.n))
+    for f in d.glob("shard_*.safetensors"):
+        t = load_file(str(f))
+        save_file({k: t[k] for k in ("acts", "image", "pos")}, str(f))
+    man = json.loads((d / "manifest.json").read_text())
+    del man["config"]["tokens"], man["outliers"]
+    (d / "manifest.json").write_text(json.dumps(man))
+    old = ShardReader(d)
+    assert old.tokens == "all" and old.outlier_report is None
+    assert old.kinds(torch.arange(old.n)) == kinds_new
+    sh = old.load_shard(0)
+    assert sh["outlier"].dtype == torch.uint8 and int(sh["outlier"].sum()) == 0
+    patch = torch.cat([a for a in old.iter_batches(7, tokens="patch")])
+    assert patch.shape[0] == 32 and torch.equal(patch, new[[i for i, k in enumerate(kinds_new) if k == "patch"]])
+
+
+def _planted(vit, plants):
+    """A forward hook on blocks.0 rescaling token ``t`` of image ``i`` to ``s`` × the largest patch-token norm
+    of the image, for (i, t, s) in ``plants``."""
+    def hook(_m, _i, out):
+        out = out.clone()
+        for i, t, s in plants:
+            if i >= out.shape[0]:  # the adapter's 1-image probe forward
+                continue
+            top = out[i, vit.num_prefix_tokens:].norm(dim=-1).max()
+            out[i, t] = out[i, t] / out[i, t].norm() * top * s
+        return out
+    return vit.model.blocks[0].register_forward_hook(hook)
+
+
+def test_planted_high_norm_tokens_are_reported_and_flagged(tmp_path, images):
+    """Two planted high-norm tokens (a patch token of image 1 at grid (2, 1), the class token of image 3) are
+    the only outliers; the report's counts, kinds, position and norm ratios match a float64 reference."""
+    vit = _vit()
+    x = images[:5]
+    d = extract_activations(vit, x, "blocks.0", root=tmp_path / "clean", tokens="all", progress=False)
+    clean = ShardReader(d["blocks.0"]).outlier_report
+    assert clean["n"] == 0 and clean["checked"] and clean["n_tokens_checked"] == 5 * 17
+    plants = [(1, 1 + 2 * 4 + 1, 3.0), (3, 0, 3.0)]
+    h = _planted(vit, plants)
+    try:
+        with torch.no_grad():
+            tok = vit.capture(x, ["blocks.0"])["blocks.0"].double()
+        with pytest.warns(UserWarning, match=r"2 high-norm outlier tokens of 85 .*1 cls, 1 patch"):
+            d = extract_activations(vit, x, "blocks.0", root=tmp_path / "planted", tokens="all", progress=False)
+    finally:
+        h.remove()
+    r = ShardReader(d["blocks.0"])
+    rep = r.outlier_report
+    assert rep["n"] == 2 and rep["by_kind"] == {"patch": 1, "cls": 1} and rep["images_with_outliers"] == 2
+    assert rep["top_positions"] == [{"row": 2, "col": 1, "n": 1}] and rep["k"] == 10.0
+    norms = tok.norm(dim=-1)  # (5, 17)
+    med = norms[:, 1:].sort(dim=1).values[:, (16 - 1) // 2]  # lower median of the 16 patch-token norms
+    ratios = torch.tensor([norms[1, 10] / med[1], norms[3, 0] / med[3]])
+    assert rep["norm_ratio"]["max"] == pytest.approx(float(ratios.max()), rel=1e-5)
+    assert rep["norm_ratio"]["min"] == pytest.approx(float(ratios.min()), rel=1e-5)
+    flagged = []
+    for sh in r.iter_shards():
+        for j in sh["outlier"].nonzero()[:, 0].tolist():
+            flagged.append((int(sh["image"][j]), tuple(sh["pos"][j].tolist())))
+    assert sorted(flagged) == [(1, (2, 1)), (3, (-1, 0))]
+
+
+def test_outlier_tally_survives_a_resume(tmp_path, images):
+    vit = _vit()
+    vit.layers()  # the adapter's one-off probe forward
+    h = _planted(vit, [(1, 5, 3.0)])  # image 1 of every batch of 2
+    calls = []
+
+    def boom(*_):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("simulated crash")
+
+    kw = dict(root=tmp_path, batch_size=2, shard_size=30, progress=False)
+    try:
+        full = extract_activations(vit, images[:8], "blocks.0", root=tmp_path / "full", batch_size=2,
+                                   shard_size=30, progress=False)["blocks.0"]
+        c = vit.model.register_forward_pre_hook(boom)
+        with pytest.raises(RuntimeError, match="simulated crash"):
+            extract_activations(vit, images[:8], "blocks.0", **kw)
+        c.remove()
+        with pytest.warns(UserWarning, match="4 high-norm outlier tokens"):
+            d = extract_activations(vit, images[:8], "blocks.0", **kw)["blocks.0"]
+    finally:
+        h.remove()
+    assert len(ShardReader(d).shards) == 4 and ShardReader(d).outlier_report["n"] == 4
+    assert ShardReader(d).outlier_report == ShardReader(full).outlier_report

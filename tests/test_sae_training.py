@@ -300,3 +300,214 @@ def test_evaluate_labels_follow_the_label_policy(tmp_path, resnet):
     with pytest.raises(MismatchError, match=r"'ant'.*'cow'|'cow'.*'ant'"):
         evaluate_sae(d, labels="class_names", **kw)  # the model has no class names: a clear error
     assert evaluate_sae(d, labels="predicted", **kw)["accuracy"] == 1.0
+
+
+# ----- token kinds, outliers, activation normalisation ----------------------------------------------------------
+@pytest.fixture(scope="module")
+def vit_acts(tmp_path_factory):
+    """A tiny ViT with 2 register tokens, every token stored (tokens='all'); a planted high-norm patch token
+    in image 2 and the class token of image 5 made high-norm too."""
+    from timm.models.vision_transformer import VisionTransformer
+
+    from sae_cafe.models import make_adapter
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=1, num_heads=2, num_classes=5,
+                          reg_tokens=2)
+    vit = make_adapter(m.eval(), "tiny_vit_reg", resize=None)
+
+    def plant(_m, _i, out):
+        out = out.clone()
+        for i, t in ((2, 3 + 6), (5, 0)) if out.shape[0] > 5 else ():  # not in the adapter's 1-image probe
+            out[i, t] = out[i, t] / out[i, t].norm() * out[i, 3:].norm(dim=-1).max() * 4
+        return out
+
+    h = m.blocks[0].register_forward_hook(plant)
+    x = torch.randn(20, 3, 32, 32, generator=torch.Generator().manual_seed(7))
+    try:
+        with pytest.warns(UserWarning, match="2 high-norm outlier tokens"):
+            d = extract_activations(vit, x, "blocks.0", root=tmp_path_factory.mktemp("v"), tokens="all",
+                                    shard_size=64, progress=False)["blocks.0"]
+    finally:
+        h.remove()
+    return d
+
+
+def _rows_of(reader, kinds, image_hi, outliers=None):
+    """The acts rows of these kinds (and outlier flag, if given) of images < image_hi, as a set of bytes."""
+    out = set()
+    for sh in reader.iter_shards():
+        for j in range(sh["acts"].shape[0]):
+            from sae_cafe.activations.shards import TOKEN_KINDS
+
+            if TOKEN_KINDS[int(sh["kind"][j])] in kinds and int(sh["image"][j]) < image_hi and (
+                    outliers is None or int(sh["outlier"][j]) == outliers):
+                out.add(sh["acts"][j].numpy().tobytes())
+    return out
+
+
+def test_default_training_sees_only_patch_rows(tmp_path, vit_acts, monkeypatch):
+    """The default (tokens='patch') serves only patch rows; tokens='cls' only class tokens; the manifest and
+    cfg metadata record the setting; outlier rows are trained on with a note, or left out."""
+    r = ShardReader(vit_acts)
+    served = []
+    orig = ShardDataProvider.__next__
+
+    def record(self):
+        b = orig(self)
+        served.append(b.clone())
+        return b
+
+    monkeypatch.setattr(ShardDataProvider, "__next__", record)
+    kw = dict(architecture="topk", k=4, expansion=2, steps=6, batch_size=32, holdout=0.1, n_checkpoints=0,
+              progress=False, evaluate=False)
+    with pytest.warns(UserWarning, match="trained on 1 high-norm outlier rows"):
+        res = train_sae(vit_acts, tmp_path / "patch", **kw)
+    patch = _rows_of(r, ("patch",), 18)
+    got = {a.numpy().tobytes() for a in torch.cat(served)}
+    assert got <= patch and len(got) > 100
+    man = json.loads((tmp_path / "patch" / "manifest.json").read_text())
+    assert man["tokens"] == "patch" and man["outliers"] == "report"
+    assert man["training_rows"] == {"n": 18 * 16, "outliers": 1, "outliers_excluded": 0}
+    assert any("outlier" in n for n in man["notes"]) and res["notes"] == man["notes"]
+    cfg = json.loads((tmp_path / "patch" / "cfg.json").read_text())
+    assert cfg["metadata"]["sae_cafe"]["tokens"] == "patch"
+
+    served.clear()
+    train_sae(vit_acts, tmp_path / "cls", tokens="cls", **{**kw, "batch_size": 4})
+    got = {a.numpy().tobytes() for a in torch.cat(served)}
+    assert got <= _rows_of(r, ("cls",), 18) and len(got) >= 10  # of the 18 training images' class tokens
+    assert json.loads((tmp_path / "cls" / "manifest.json").read_text())["training_rows"]["outliers"] == 1
+
+    served.clear()
+    train_sae(vit_acts, tmp_path / "excl", outliers="exclude", **kw)
+    got = {a.numpy().tobytes() for a in torch.cat(served)}
+    assert got <= _rows_of(r, ("patch",), 18, outliers=0) and not got & _rows_of(r, ("patch",), 18, outliers=1)
+    assert json.loads((tmp_path / "excl" / "manifest.json").read_text())["training_rows"] == {
+        "n": 18 * 16 - 1, "outliers": 0, "outliers_excluded": 1}
+
+
+def test_token_setting_the_shards_lack_is_a_clear_error(tmp_path, acts):
+    from sae_cafe.errors import SaeCafeError
+
+    with pytest.raises(SaeCafeError, match=r"tokens='cls' selects no training PFV .* extracted with tokens='patch'"):
+        train_sae(acts, tmp_path / "s", tokens="cls", **_small())
+    with pytest.raises(SaeCafeError, match="not a token setting"):
+        train_sae(acts, tmp_path / "s", tokens="registers", **_small())
+    with pytest.raises(SaeCafeError, match="outliers='drop'"):
+        train_sae(acts, tmp_path / "s", outliers="drop", **_small())
+
+
+@pytest.mark.parametrize("arch", ["topk", "standard"])
+def test_normalisation_is_undone_in_model_units(tmp_path, acts, arch, monkeypatch):
+    """normalize='expected_average_only_in': the factor is √d_in / the exact mean norm of the training rows
+    (float64 reference), recorded in the manifest and cfg; the exported (folded) SAE's latents and
+    reconstructions in model units equal the trained SAE on scaled inputs with the scale undone, and
+    run_with_saes gives the logits of that reference reconstruction. Compared in float64 to 1e-6 relative: the
+    export folds the factor into float32 weights (the exact float64 folding check is in test_saes)."""
+    import copy
+
+    from sae_cafe import saes
+    from sae_training import train as train_mod
+
+    captured = {}
+    orig = train_mod.finish_trainer
+
+    def keep(trainer):
+        captured["sae"] = copy.deepcopy(trainer.sae)
+        captured["s"] = trainer.activation_scaler.scaling_factor
+        orig(trainer)
+
+    monkeypatch.setattr(train_mod, "finish_trainer", keep)
+    out = tmp_path / arch
+    train_sae(acts, out, architecture=arch, k=8, expansion=2, normalize="expected_average_only_in", **_small())
+    r = ShardReader(acts)
+    prov = r.provenance(torch.arange(r.n))
+    x_train = r[torch.arange(r.n)][prov[:, 0] < 36].double()  # holdout 0.1 of 40 images
+    s_ref = 128 ** 0.5 / x_train.norm(dim=-1).mean()
+    man = json.loads((out / "manifest.json").read_text())
+    norm = man["activation_norm"]
+    assert norm["normalize"] == "expected_average_only_in" and norm["rows"] == x_train.shape[0]
+    assert norm["scaling_factor"] == pytest.approx(float(s_ref), rel=1e-12)
+    assert captured["s"] == pytest.approx(float(s_ref), rel=1e-12)
+    assert (x_train * norm["scaling_factor"]).norm(dim=-1).mean() == pytest.approx(128 ** 0.5, rel=1e-12)
+    cfg = json.loads((out / "cfg.json").read_text())
+    assert cfg["normalize_activations"] == "none"  # folded into the weights
+    assert cfg["metadata"]["sae_cafe"]["activation_norm"]["scaling_factor"] == norm["scaling_factor"]
+
+    s = float(s_ref)
+    trained = captured["sae"].double().eval()
+    loaded = saes.load_sae(out).double()
+    x = r[torch.arange(r.n)][prov[:, 0] >= 36].double()
+    with torch.no_grad():
+        z_ref = trained.encode(x * s)
+        rec_ref = trained.decode(z_ref) / s
+        z = saes.encode_pfv(loaded, x)
+        rec = saes.decode(loaded, z)
+    assert (z_ref != 0).any() and torch.equal(z != 0, z_ref != 0)
+    # a top-k SAE that ranks pre-activations × decoder norms (sae-lens rescale_acts_by_decoder_norm) reads
+    # its latents as contribution norms, which the fold turns into model units (÷ s); other latents are equal
+    c = 1 / s if getattr(loaded.cfg, "rescale_acts_by_decoder_norm", False) else 1.0
+    torch.testing.assert_close(z, z_ref * c, rtol=1e-6, atol=1e-6 * float(z_ref.abs().max()))
+    torch.testing.assert_close(rec, rec_ref, rtol=1e-6, atol=1e-6 * float(x.abs().max()))
+    assert (rec - x).norm() < x.norm()  # reconstructions are in the model's units, not scaled ones
+
+    model = tiny_resnet()
+    model.model.double()
+    xi = torch.randn(3, 3, 32, 32, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+
+    def ref_hook(_m, _i, act):
+        pfv = act.flatten(2).transpose(1, 2)
+        rec = trained.decode(trained.encode(pfv * s)) / s
+        return rec.transpose(1, 2).reshape(act.shape)
+
+    with torch.no_grad():
+        got = saes.run_with_saes(model, xi, {"layer2": loaded}, check=False)
+        h = model.model.layer2.register_forward_hook(ref_hook)
+        try:
+            want = model.model(xi)
+        finally:
+            h.remove()
+        plain = model.model(xi)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6 * float(want.abs().max()))
+    assert not torch.allclose(got, plain, rtol=1e-3, atol=1e-3 * float(want.abs().max()))
+
+
+def test_normalisation_off_records_none(tmp_path, acts):
+    train_sae(acts, tmp_path / "n", architecture="topk", k=8, expansion=2, normalize="none", **_small())
+    man = json.loads((tmp_path / "n" / "manifest.json").read_text())
+    assert man["activation_norm"] == {"normalize": "none"}
+
+
+def test_pipeline_settings_carry_the_token_and_normalisation_keys():
+    """[extract] tokens / outlier_k and [sae] tokens / outliers / normalize reach the training config unchanged
+    (same field names); bad values fail when the config is read."""
+    import dataclasses
+
+    from sae_cafe.errors import SaeCafeError
+    from sae_training.pipeline.extract import ExtractSettings
+    from sae_training.pipeline.sae import SAESettings
+
+    s = SAESettings(tokens="all", outliers="exclude", normalize="none")
+    cfg = SAETrainConfig(**dataclasses.asdict(s))
+    assert (cfg.tokens, cfg.outliers, cfg.normalize) == ("all", "exclude", "none")
+    assert SAESettings().normalize == SAETrainConfig().normalize and SAESettings().tokens == "patch"
+    assert ExtractSettings().tokens == "patch" and ExtractSettings(tokens="cls").outlier_k == 10.0
+    with pytest.raises(SaeCafeError, match=r"\[sae\] tokens='cls-only'"):
+        SAESettings(tokens="cls-only")
+    with pytest.raises(SaeCafeError, match=r"\[sae\] outliers='drop'"):
+        SAESettings(outliers="drop")
+    with pytest.raises(SaeCafeError, match=r"\[extract\] tokens='x'"):
+        ExtractSettings(tokens="x")
+
+
+def test_cli_token_kinds_outliers_normalize_flags():
+    from sae_cafe.cli import build_parser
+    from sae_training.cli import config_from_args
+
+    args = build_parser().parse_args(["train-sae", "--acts", "x", "--token-kinds", "cls", "--outliers", "exclude",
+                                      "--normalize", "none"])
+    cfg = config_from_args(args)
+    assert (cfg.tokens, cfg.outliers, cfg.normalize) == ("cls", "exclude", "none")
+    args = build_parser().parse_args(["train-sae", "--stream", "--tokens", "5000"])  # the streamed PFV budget
+    assert config_from_args(args).tokens == "patch"

@@ -200,3 +200,162 @@ def test_sae_width_mismatch_is_one_clear_error_everywhere(tmp_path, x):
     identity_sae(128, "layer3", "resnet18").save_model(other)
     with pytest.raises(MismatchError, match=r"trained on layer 'layer3'.*used at layer 'layer2'"):
         evaluate_sae(other, acts=acts)
+
+
+# ----- token kinds and activation normalisation ---------------------------------------------------------------
+def _vit_reg():
+    from timm.models.vision_transformer import VisionTransformer
+
+    from sae_cafe.models import make_adapter
+
+    torch.manual_seed(0)
+    m = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, num_classes=5,
+                          reg_tokens=1)
+    return make_adapter(m.double().eval(), "tiny_vit_reg", resize=None)
+
+
+def test_splice_reconstructs_the_token_kinds_the_sae_was_trained_on(x):
+    """tokens='patch' (also: not recorded) reconstructs patch tokens, 'all' every token, 'cls' only the class
+    token (not the register token); the other tokens pass through bit-exactly. Float64 against sae-lens's
+    own encode/decode."""
+    from sae_cafe.interventions import Intervention
+    from sae_cafe.saes import encode_images, intervene_layer, reconstruct_layer, sae_tokens, token_rows
+
+    vit = _vit_reg()
+    xd = x.double()
+    with torch.no_grad():
+        act = vit.capture(xd, ["blocks.0"])["blocks.0"]  # (3, 2 + 16, 32): cls, register, patches
+        sae = random_sae(32, "blocks.0", vit.name).double()
+        ref = sae.decode(sae.encode(act))
+        for tokens, redone in ((None, slice(2, None)), ("patch", slice(2, None)), ("all", slice(0, None)),
+                               ("cls", slice(0, 1))):
+            if tokens is not None:
+                sae.cfg.metadata.sae_cafe = {"tokens": tokens}
+            assert sae_tokens(sae) == (tokens or "patch")
+            out = reconstruct_layer(sae, vit, act)
+            want = act.clone()
+            want[:, redone] = ref[:, redone]
+            torch.testing.assert_close(out, want, rtol=1e-12, atol=1e-12)
+            kept = torch.ones(act.shape[1], dtype=torch.bool)
+            kept[redone] = False
+            assert torch.equal(out[:, kept], act[:, kept])
+            with_error = reconstruct_layer(sae, vit, act, keep_error=True)
+            torch.testing.assert_close(with_error, act, rtol=1e-12, atol=1e-12)
+            # the rows an evaluation encodes are the same tokens
+            assert torch.equal(token_rows(sae, vit, vit.to_pfv(act)), act[:, redone].reshape(-1, 32))
+        # an SAE that saw only class tokens has no patch latents to mine or edit
+        with pytest.raises(MismatchError, match="class tokens only"):
+            encode_images(sae, vit, "blocks.0", xd)
+        with pytest.raises(MismatchError, match="class tokens only"):
+            intervene_layer(sae, vit, act, [Intervention(layer="blocks.0", latent=0, op="zero")])
+        sae.cfg.metadata.sae_cafe = {"tokens": "all"}
+        pfv, lat, grid = encode_images(sae, vit, "blocks.0", xd)
+        assert pfv.shape == (3, 16, 32) and grid == (4, 4)
+        sae.cfg.metadata.sae_cafe = {"tokens": "pixels"}
+        with pytest.raises(MismatchError, match="sae_cafe.tokens='pixels'"):
+            sae_tokens(sae)
+
+
+def _normalised_export(tmp_path, factor: float | None):
+    """A float64 standard SAE saved as trained on normalised activations, the factor not folded in."""
+    torch.manual_seed(3)
+    cfg = StandardSAEConfig(d_in=16, d_sae=40, dtype="float64", normalize_activations="expected_average_only_in",
+                            metadata=SAEMetadata(hook_name="layer1", model_name="m"))
+    sae = StandardSAE(cfg)
+    with torch.no_grad():
+        for p in sae.parameters():
+            p.normal_(0, 0.3)
+    sae.save_model(str(tmp_path))
+    if factor is not None:
+        import json
+
+        c = json.loads((tmp_path / "cfg.json").read_text())
+        c["norm_scaling_factor"] = factor
+        (tmp_path / "cfg.json").write_text(json.dumps(c))
+    return sae.eval()
+
+
+def test_load_sae_folds_a_recorded_norm_factor_exactly(tmp_path):
+    """An export still carrying normalize_activations='expected_average_only_in' and its factor s: load_sae
+    folds s into the weights, so encode_pfv/decode in model units equal the SAE on x·s with the output ÷ s
+    (float64, 1e-12); without the factor the load is refused."""
+    from sae_cafe.saes import decode, encode_pfv
+
+    s = 0.37
+    trained = _normalised_export(tmp_path / "a", s)
+    sae = load_sae(tmp_path / "a")
+    assert sae.cfg.normalize_activations == "none" and sae.W_enc.dtype == torch.float64
+    xx = torch.randn(50, 16, dtype=torch.float64, generator=torch.Generator().manual_seed(0)) * 5
+    with torch.no_grad():
+        z_ref = trained.encode(xx * s)
+        rec_ref = trained.decode(z_ref) / s
+        z = encode_pfv(sae, xx)
+        rec = decode(sae, z)
+    assert (z_ref != 0).any() and (z_ref == 0).any()
+    torch.testing.assert_close(z, z_ref, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(rec, rec_ref, rtol=1e-12, atol=1e-12)
+    _normalised_export(tmp_path / "b", None)
+    with pytest.raises(MismatchError, match="holds no norm_scaling_factor"):
+        load_sae(tmp_path / "b")
+
+
+@pytest.mark.parametrize("norm", ["layer_norm", "constant_norm_rescale"])
+def test_per_input_normalised_sae_decodes_any_number_of_times(tmp_path, x, norm):
+    """A ViT-Prisma SAE with a per-input normalisation, converted by sae_cafe.sae_import: decode un-normalises
+    with the statistics of the PFVs the latents came from, as often as asked (float64 against the formula);
+    interventions (two decodes) and ICAT (many) run; decoding without those PFVs is a clear error."""
+    import copy
+    import json
+
+    from sae_cafe.icat import attribute
+    from sae_cafe.interventions import Intervention
+    from sae_cafe.sae_import import convert_sae
+    from sae_cafe.saes import decode, encode_pfv, intervene_layer, reconstruct_layer
+
+    vit = tiny_vit()
+    g = torch.Generator().manual_seed(0)
+    saes = {}
+    for layer, d_sae in (("blocks.0", 24), ("blocks.1", 20)):
+        st = {"W_enc": torch.randn(32, d_sae, generator=g) * 32 ** -0.5,
+              "W_dec": torch.randn(d_sae, 32, generator=g) * d_sae ** -0.5,
+              "b_dec": torch.randn(32, generator=g) * 0.3, "b_enc": torch.randn(d_sae, generator=g) * 0.3 + 0.3}
+        src = tmp_path / f"prisma_{layer}"
+        src.mkdir()
+        (src / "config.json").write_text(json.dumps({
+            "model_class_name": "HookedViT", "model_name": "open-clip:laion/CLIP-ViT-B-32",
+            "hook_point_layer": int(layer[-1]), "layer_subtype": "hook_resid_post", "d_in": 32,
+            "activation_fn_str": "relu", "activation_fn_kwargs": {}, "cls_token_only": False,
+            "use_patches_only": True, "normalize_activations": norm, "architecture": "standard"}))
+        torch.save(st, src / "n_images_1000.pt")
+        out = convert_sae(src, "vit-prisma", vit, out=tmp_path / "saes" / layer)
+        saes[layer] = load_sae(out, vit, layer)
+    sae = copy.deepcopy(saes["blocks.0"]).to(torch.float64)  # .to also moves sae-lens's input dtype
+    # the formula on the converted weights (the conversion itself is checked in test_sae_import)
+    sd = {k: getattr(sae, k).detach() for k in ("W_enc", "b_enc", "W_dec", "b_dec")}
+    sd["b_dec_in"] = sd["b_dec"] * sae.cfg.apply_b_dec_to_input
+    v = torch.randn(4, 16, 32, generator=g, dtype=torch.float64) * 3 + 1
+    if norm == "layer_norm":
+        vn = (v - v.mean(-1, keepdim=True)) / (v.std(-1, keepdim=True) + 1e-5)
+    else:
+        vn = v * 32 ** 0.5 / v.norm(dim=-1, keepdim=True)
+    z_ref = ((vn - sd["b_dec_in"]) @ sd["W_enc"] + sd["b_enc"]).relu()
+    rec_n = z_ref @ sd["W_dec"] + sd["b_dec"]
+    rec_ref = rec_n * v.std(-1, keepdim=True) + v.mean(-1, keepdim=True) if norm == "layer_norm" else \
+        rec_n * v.norm(dim=-1, keepdim=True) / 32 ** 0.5
+    with torch.no_grad():
+        z = encode_pfv(sae, v)
+        torch.testing.assert_close(z, z_ref, rtol=1e-10, atol=1e-10)
+        for _ in range(3):  # sae-lens alone fails on the second decode
+            torch.testing.assert_close(decode(sae, z, v), rec_ref, rtol=1e-10, atol=1e-10)
+        torch.testing.assert_close(decode(sae, z[:2], v[:2]), rec_ref[:2], rtol=1e-10, atol=1e-10)
+        with pytest.raises(MismatchError, match="pass x= to decode"):
+            decode(sae, z)
+        with pytest.raises(MismatchError, match="16 PFV rows"):
+            decode(sae, z[:1, :3], v[:1])
+        act = vit.capture(x, ["blocks.0"])["blocks.0"].double()
+        same = intervene_layer(sae, vit, act, [Intervention(layer="blocks.0", latent=0, op="scale", value=1.0)])
+        torch.testing.assert_close(same, act, rtol=1e-12, atol=1e-12)
+        rec = reconstruct_layer(sae, vit, act)
+        assert not torch.allclose(rec, act)
+    a = attribute(vit, saes, x[:2], "blocks.0", "blocks.1", steps=4)
+    assert a.shape == (2, 24, 20) and torch.isfinite(a).all() and a.abs().sum() > 0

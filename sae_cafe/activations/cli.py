@@ -20,7 +20,14 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    help="storage dtype of the shards")
     p.add_argument("--shard-size", type=int, default=65536, help="PFV rows per shard")
     p.add_argument("--batch-size", type=int, default=32, help="images per forward pass")
-    p.add_argument("--include-cls", action="store_true", help="ViT: also store class/register tokens")
+    p.add_argument("--tokens", default=None, choices=["patch", "all", "cls"],
+                   help="ViT token rows to store: patch (grid positions; the default), all (also class/register/"
+                        "distillation tokens) or cls; each row's kind is kept in the shards")
+    p.add_argument("--include-cls", action="store_true", help="ViT: also store class/register tokens "
+                   "(same as --tokens all)")
+    p.add_argument("--outlier-k", type=float, default=10.0,
+                   help="high-norm outlier tokens: norm > median + k·MAD of the image's patch-token norms "
+                        "(reported in the manifest and flagged per row)")
     p.add_argument("--positions-per-image", type=int, default=None,
                    help="sample k positions per image (default: every position)")
     p.add_argument("--sampling", default="uniform", choices=["uniform", "logit"],
@@ -43,7 +50,8 @@ def _run(args: argparse.Namespace) -> int:
     adapter = resolve_run_model(run_dir(args.run, args.root), args.model, args.weights, args.device)
     dirs = extract_activations(adapter, args.images, args.layers, run=args.run, root=args.root, dtype=args.dtype,
                                shard_size=args.shard_size, batch_size=args.batch_size,
-                               include_cls=args.include_cls, positions_per_image=args.positions_per_image,
+                               include_cls=args.include_cls, tokens=args.tokens, outlier_k=args.outlier_k,
+                               positions_per_image=args.positions_per_image,
                                sampling=args.sampling, seed=args.seed, skip_bad=args.skip_bad,
                                overwrite=args.overwrite)
     table = Table(title=f"activations of {adapter.name}")
@@ -54,4 +62,8 @@ def _run(args: argparse.Namespace) -> int:
         table.add_row(layer, str(r.d_in), f"{r.grid[0]}×{r.grid[1]}", str(r.n_images), f"{r.n:,}",
                       str(len(r.shards)), r.manifest["dtype"], str(d))
     Console().print(table)
+    for layer, d in dirs.items():
+        note = (ShardReader(d).outlier_report or {}).get("note")
+        if note:
+            print(f"note: {layer}: {note}")
     return 0

@@ -38,7 +38,18 @@ from ..images import SkipReport
 from ..model_record import record_for
 from ..models import ModelAdapter, get_adapter
 from ..srd import srd_relevance
-from .shards import CANONICAL_DTYPE, IMAGES_FILE, ShardReader, ShardWriter, parse_dtype, write_progress
+from .outliers import OutlierTally, flag_outliers, prefix_kinds
+from .shards import (
+    CANONICAL_DTYPE,
+    IMAGES_FILE,
+    TOKEN_KINDS,
+    ShardReader,
+    ShardWriter,
+    check_tokens,
+    kind_codes,
+    parse_dtype,
+    write_progress,
+)
 
 PROGRESS = "progress.json"
 
@@ -49,8 +60,12 @@ class ExtractConfig:
 
     ``positions_per_image``: keep k PFVs per image (None: all); ``sampling``: ``"uniform"`` or ``"logit"``
     (weighted by the position's SRD relevance for the predicted logit; gradient × activation for a model SRD
-    has no rules for — the manifest's ``sampling_relevance`` and ``warnings`` say which). ``include_cls``: also
-    store ViT class/register tokens (row = -1).
+    has no rules for — the manifest's ``sampling_relevance`` and ``warnings`` say which). ``tokens``: which
+    token rows are stored: ``"patch"`` (grid positions only), ``"all"`` (also the ViT class / register /
+    distillation tokens, row = -1, col = token index) or ``"cls"`` (the class token only); every row's kind
+    is stored in the shards' ``kind`` column. ``include_cls`` (older name): True means ``tokens="all"``.
+    ``outlier_k``: a token whose norm exceeds the median + ``outlier_k`` · MAD of its image's patch-token
+    norms is flagged as a high-norm outlier (:mod:`.outliers`; counted in the manifest, flagged per row).
     """
 
     layers: list[str] = field(default_factory=list)
@@ -62,6 +77,8 @@ class ExtractConfig:
     sampling: str = "uniform"
     seed: int = 0
     skip_bad: bool = False
+    tokens: str = "patch"
+    outlier_k: float = 10.0
 
 
 # ----- position selection ------------------------------------------------------------------------------------
@@ -135,7 +152,7 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
                         positions_per_image: int | None = None, sampling: str = "uniform", seed: int = 0,
                         skip_bad: bool = False, overwrite: bool = False, dataset: str | None = None,
                         out_dirs: dict[str, str | Path] | None = None, progress: bool = True,
-                        ) -> dict[str, Path]:
+                        tokens: str | None = None, outlier_k: float = 10.0) -> dict[str, Path]:
     """Extract PFVs of ``layers`` over ``images`` into ``<root>/<run>/acts/<model>/<layer>/``.
 
     Args:
@@ -145,7 +162,11 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
         layers: one layer id or several (captured in the same forward pass).
         dtype: shard dtype (``float32``, ``float16``, ``bfloat16``).
         shard_size: PFV rows per shard. Memory stays at about one shard plus one batch per layer.
-        positions_per_image / sampling: keep k positions per image, ``"uniform"`` or ``"logit"``-weighted.
+        positions_per_image / sampling: keep k patch positions per image, ``"uniform"`` or ``"logit"``-weighted.
+        tokens: ``"patch"`` (default), ``"all"`` or ``"cls"`` (see :class:`ExtractConfig`); ``include_cls=True``
+            is the older spelling of ``"all"``.
+        outlier_k: high-norm outlier rule (:func:`.outliers.flag_outliers`); the count, kinds, positions and
+            norm ratios go into each layer's manifest (``outliers``) and, when any are found, a warning.
         overwrite: re-extract a finished stage (otherwise a finished stage with the same config is kept).
         out_dirs: explicit output directory per layer (default: the run layout).
 
@@ -161,8 +182,21 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
         raise SaeCafeError(f"unknown sampling {sampling!r}; use 'uniform' or 'logit'")
     if positions_per_image is not None and positions_per_image < 1:
         raise SaeCafeError(f"positions_per_image must be ≥ 1, got {positions_per_image}")
+    if tokens is None:
+        tokens = "all" if include_cls else "patch"
+    elif include_cls and tokens != "all":
+        raise SaeCafeError(f"include_cls=True asks for tokens='all' but tokens={tokens!r}; pass only tokens")
+    check_tokens(tokens)
+    if not outlier_k > 0:
+        raise SaeCafeError(f"outlier_k must be > 0, got {outlier_k}")
+    if tokens == "cls":
+        if adapter.kind != "tokens" or "cls" not in prefix_kinds(adapter):
+            raise SaeCafeError(f"tokens='cls' but {adapter.name} has no class token; use tokens='patch'")
+        if positions_per_image is not None:
+            raise SaeCafeError("positions_per_image samples patch positions; with tokens='cls' leave it unset")
     cfg = ExtractConfig(names, CANONICAL_DTYPE[parse_dtype(dtype)], int(shard_size), int(batch_size),
-                        bool(include_cls), positions_per_image, sampling, int(seed), bool(skip_bad))
+                        tokens == "all", positions_per_image, sampling, int(seed), bool(skip_bad), tokens,
+                        float(outlier_k))
     report = SkipReport()
     source = ImageSource(images)
     infos = adapter.layers()
@@ -174,7 +208,13 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
                     "fingerprint": source.fingerprint()}
 
     def layer_key(n: str) -> str:
-        c = dataclasses.replace(cfg, layers=[n])
+        c = dataclasses.asdict(dataclasses.replace(cfg, layers=[n]))
+        # settings added later enter the key only when they differ from what older extractions did, so a
+        # finished stage of the same settings is reused (read with the legacy kind/outlier columns)
+        if c["tokens"] == ("all" if c["include_cls"] else "patch"):
+            del c["tokens"]
+        if c["outlier_k"] == ExtractConfig.outlier_k:
+            del c["outlier_k"]
         return hash_json({"config": c, "model": adapter.name, "weights_hash": adapter.weights_hash,
                           "dataset": dataset_info, "preprocessing": preprocessing})
 
@@ -196,6 +236,7 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
     # --- open or resume each layer's temporary stage ---
     writers: dict[str, ShardWriter] = {}
     progs: dict[str, dict] = {}
+    tallies: dict[str, OutlierTally] = {}
     for n in todo:
         tmp = temp_stage_path(finals[n])
         prog = None
@@ -218,6 +259,7 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
         d_in = infos[n].channels
         writers[n] = ShardWriter(tmp, d_in, cfg.dtype, cfg.shard_size, prog["shards"] if prog else ())
         progs[n] = prog or {}
+        tallies[n] = OutlierTally.from_json((prog or {}).get("outliers"))
     start_img = min(w.images_done for w in writers.values())
     start_item = min((w.shards[-1].get("next_item", 0) if w.shards else 0) for w in writers.values())
     if start_item:  # images skipped before the resume point (recorded with the layer that is furthest behind)
@@ -233,6 +275,7 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
             for f in temp_stage_path(finals[n]).glob("shard_*.safetensors"):
                 f.unlink()
             writers[n] = ShardWriter(temp_stage_path(finals[n]), infos[n].channels, cfg.dtype, cfg.shard_size)
+            tallies[n] = OutlierTally()
         start_img = start_item = 0
         ids_all = []
         report.skipped.clear()
@@ -266,16 +309,17 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
                 w = writers[n]
                 if n_img + b <= w.images_done:
                     continue  # this layer already has these images (resume)
-                rows, img_idx, pos = _rows(adapter, acts[n], n_img, cfg, weights[n] if weights else None)
+                rows, img_idx, pos, kind, flag = _rows(adapter, acts[n], n_img, cfg, weights[n] if weights else None,
+                                                       tallies[n], w.images_done)
                 keep = img_idx >= w.images_done
                 if not keep.all():
-                    rows, img_idx, pos = rows[keep], img_idx[keep], pos[keep]
-                if w.add(rows, img_idx, pos, images_end=n_img + b, next_item=next_item):
-                    _save_progress(w, keys[n], ids_fd[n], n_img + b, report, relevance)
+                    rows, img_idx, pos, kind, flag = rows[keep], img_idx[keep], pos[keep], kind[keep], flag[keep]
+                if w.add(rows, img_idx, pos, kind, flag, images_end=n_img + b, next_item=next_item):
+                    _save_progress(w, keys[n], ids_fd[n], n_img + b, report, relevance, tallies[n])
             n_img += b
         for n in todo:
             writers[n].flush(images_end=n_img, next_item=source.total if source.total is not None else -1)
-            _save_progress(writers[n], keys[n], ids_fd[n], n_img, report, relevance)
+            _save_progress(writers[n], keys[n], ids_fd[n], n_img, report, relevance, tallies[n])
     finally:
         bar.close()
         for fd in ids_fd.values():
@@ -290,8 +334,12 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
         notes.append(f"sampling='logit' weighted positions by {relevance}")
         warnings.warn(notes[-1], stacklevel=2)
 
+    kinds_prefix = prefix_kinds(adapter) if adapter.kind == "tokens" else []
     for n in todo:
         tmp, w, info = temp_stage_path(finals[n]), writers[n], infos[n]
+        outlier_report = tallies[n].report(cfg.outlier_k)
+        if outlier_report["n"]:  # recorded in the manifest's "outliers" (with its note), printed here
+            warnings.warn(f"{adapter.name} {n}: {outlier_report['note']}", stacklevel=2)
         # the manifest is written while progress.json still exists: a kill before it leaves a resumable
         # stage, a kill after it a finished temporary stage that the next call only publishes
         write_manifest(
@@ -299,14 +347,20 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
             model=adapter.name, family=adapter.family, weights_hash=adapter.weights_hash, layer=n,
             model_record=record_for(adapter).to_json(),
             d_in=info.channels, grid=list(info.grid), layer_kind=info.kind,
-            pfv_layout={"rows": "positions of the layer grid, row-major per image" +
-                        ("; prefix (class/register) tokens with row=-1, col=token index" if cfg.include_cls
-                         else ""),
+            pfv_layout={"rows": {"patch": "positions of the layer grid, row-major per image",
+                                 "all": "per image: prefix (class/register/distillation) tokens with row=-1, "
+                                        "col=token index, then the positions of the layer grid, row-major",
+                                 "cls": "the class token of each image (row=-1, col=token index)"}[cfg.tokens],
                         "pos": "(row, col)", "image": "index into images.txt",
-                        "num_prefix_tokens": getattr(adapter, "num_prefix_tokens", 0)},
+                        "kind": "token kind code per row: " + ", ".join(f"{i} {k}" for i, k in
+                                                                         enumerate(TOKEN_KINDS)),
+                        "outlier": "1: high-norm outlier token (see outliers)",
+                        "num_prefix_tokens": getattr(adapter, "num_prefix_tokens", 0),
+                        "prefix_kinds": kinds_prefix},
+            tokens=cfg.tokens, outliers=outlier_report,
             preprocessing=preprocessing, dataset=dataset_info, dtype=cfg.dtype, shards=w.shards,
             counts={"n": w.n_written, "n_images": n_img, "n_shards": len(w.shards),
-                    "skipped_images": len(report.skipped)},
+                    "skipped_images": len(report.skipped), "by_kind": _count_kinds(w)},
             skipped=report.skipped[:1000], extract_key=keys[n],
             sampling_relevance=relevance if need_grad else None, warnings=notes)
         _publish(tmp, finals[n])
@@ -329,40 +383,85 @@ def _upstream(source: ImageSource) -> dict[str, Path] | None:
 
 
 def _rows(adapter: ModelAdapter, act: torch.Tensor, first_image: int, cfg: ExtractConfig,
-          weights_BN: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Layer output → ``(rows (n, D), image (n,), pos (n, 2))`` for the images of one batch."""
+          weights_BN: torch.Tensor | None, tally: OutlierTally | None = None, images_done: int = 0,
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer output → ``(rows (n, D), image (n,), pos (n, 2), kind (n,) uint8, outlier (n,) uint8)`` for the
+    images of one batch, the rows chosen by ``cfg.tokens`` / ``positions_per_image``. High-norm outliers are
+    flagged over every token of each image (stored or not) and counted in ``tally`` for images with index
+    ≥ ``images_done`` (a resumed batch is not counted twice)."""
     batch = adapter.to_pfv(act.detach())
     pfv, positions = batch.pfv, batch.positions.cpu()
     B, N, D = pfv.shape
+    extra_all = batch.extra if batch.extra is not None and batch.extra.shape[1] else None
+    kinds_e = prefix_kinds(adapter, extra_all.shape[1]) if extra_all is not None else []
+    if adapter.kind == "tokens":
+        flag_BN, ratio_BN, flag_BE, ratio_BE = flag_outliers(pfv, extra_all, cfg.outlier_k)
+    else:  # CNN maps: positions are not tokens, and post-ReLU norms are heavy-tailed by design
+        E0 = extra_all.shape[1] if extra_all is not None else 0
+        flag_BN, ratio_BN, flag_BE, ratio_BE = (torch.zeros(B, N, dtype=torch.bool), None,
+                                                torch.zeros(B, E0, dtype=torch.bool), None)
+    if tally is not None:
+        tally.add(flag_BN, ratio_BN, positions, flag_BE, ratio_BE, kinds_e, first_image, images_done)
+    patch_code = TOKEN_KINDS.index("patch")
+    if cfg.tokens == "cls":
+        if extra_all is None or "cls" not in kinds_e:
+            raise SaeCafeError(f"tokens='cls' but {adapter.name} gives no class token at this layer; use "
+                               "tokens='patch'")
+        e_idx = torch.tensor([j for j, k in enumerate(kinds_e) if k == "cls"])
+        E = e_idx.numel()
+        rows = extra_all[:, e_idx.to(extra_all.device)].reshape(B * E, D)
+        img = torch.arange(first_image, first_image + B).repeat_interleave(E)
+        pos = torch.stack([torch.full((E,), -1), e_idx], 1).repeat(B, 1)
+        flag = flag_BE[:, e_idx].reshape(-1)
+        return rows, img, pos, torch.full((B * E,), TOKEN_KINDS.index("cls"), dtype=torch.uint8), flag.to(
+            torch.uint8)
     sel = _select(B, N, cfg.positions_per_image, cfg.seed, first_image, weights_BN)
-    extra = batch.extra if cfg.include_cls and batch.extra is not None and batch.extra.shape[1] else None
+    extra = extra_all if cfg.tokens == "all" else None
     E = extra.shape[1] if extra is not None else 0
     if sel is None and extra is None:
         rows = pfv.reshape(B * N, D)
         img = torch.arange(first_image, first_image + B).repeat_interleave(N)
         pos = positions.repeat(B, 1)
-        return rows, img, pos
-    parts, imgs, poss = [], [], []
+        return rows, img, pos, torch.full((B * N,), patch_code, dtype=torch.uint8), \
+            flag_BN.reshape(-1).to(torch.uint8)
+    parts, imgs, poss, kinds, flags = [], [], [], [], []
     extra_pos = torch.stack([torch.full((E,), -1), torch.arange(E)], 1) if E else None
+    extra_kind = kind_codes(kinds_e) if E else None
     for i in range(B):
         if E:
             parts.append(extra[i])
             poss.append(extra_pos)
             imgs.append(torch.full((E,), first_image + i))
+            kinds.append(extra_kind)
+            flags.append(flag_BE[i])
         idx = sel[i] if sel is not None else torch.arange(N)
         parts.append(pfv[i, idx.to(pfv.device)])
         poss.append(positions[idx])
         imgs.append(torch.full((idx.numel(),), first_image + i))
-    return torch.cat(parts), torch.cat(imgs), torch.cat(poss)
+        kinds.append(torch.full((idx.numel(),), patch_code, dtype=torch.uint8))
+        flags.append(flag_BN[i, idx])
+    return torch.cat(parts), torch.cat(imgs), torch.cat(poss), torch.cat(kinds), torch.cat(flags).to(torch.uint8)
+
+
+def _count_kinds(w: ShardWriter) -> dict[str, int]:
+    """Rows per token kind over the finished shards of ``w`` (reads only their ``kind`` columns)."""
+    from safetensors import safe_open
+
+    counts = torch.zeros(len(TOKEN_KINDS), dtype=torch.long)
+    for s in w.shards:
+        with safe_open(str(w.directory / s["file"]), framework="pt") as f:
+            counts += torch.bincount(f.get_tensor("kind").long(), minlength=len(TOKEN_KINDS))
+    return {k: int(c) for k, c in zip(TOKEN_KINDS, counts.tolist(), strict=True) if c}
 
 
 def _save_progress(w: ShardWriter, key: str, ids_fd: Any, images_end: int, report: SkipReport,
-                   relevance: str | None) -> None:
-    """Record the finished shards, the images skipped so far and the logit-sampling relevance method after
-    flushing ``images.txt``."""
+                   relevance: str | None, tally: OutlierTally) -> None:
+    """Record the finished shards, the images skipped so far, the logit-sampling relevance method and the
+    outlier tally after flushing ``images.txt``."""
     ids_fd.flush()
     write_progress(w.directory, {"key": key, "shards": w.shards, "images_end": images_end,
-                                 "skipped": [list(s) for s in report.skipped], "relevance": relevance})
+                                 "skipped": [list(s) for s in report.skipped], "relevance": relevance,
+                                 "outliers": tally.to_json()})
 
 
 def dataset_hash(reader: ShardReader) -> str:

@@ -26,7 +26,7 @@ import torch
 from ..errors import MismatchError, SaeCafeError
 from ..models import PFVBatch, get_adapter
 from ..models.base import ModelAdapter
-from ..saes import check_sae, encode_pfv
+from ..saes import check_sae, decode, encode_pfv
 
 Method = Literal["ig", "grad", "grad_x_input", "ablation", "random"]
 METHODS: tuple[str, ...] = ("ig", "grad", "grad_x_input", "ablation", "random")
@@ -53,6 +53,8 @@ class PairContext:
         a_BNS: source SAE codes; err_BND: frozen error term; extra: frozen ViT class tokens or None.
         t_full_BT: all target values on the unmodified forward (B, S_target or num_classes).
         n_star_BT: argmax positions of the target latents (B, S_target); None for logits.
+        readout: (C, K) rows applied to the model output when the target is ``logits`` (targets are then
+            ⟨output, readout[c]⟩, e.g. one direction of a headless backbone's pooled feature); None: the output.
     """
 
     adapter: ModelAdapter
@@ -70,7 +72,9 @@ class PairContext:
     n_star_BT: torch.Tensor | None
     target_fn: str = "pre"
     aggregate: str = "argmax"
+    readout: torch.Tensor | None = None
     _prefix_free: bool | None = field(default=None, repr=False)
+    pfv_BND: torch.Tensor | None = field(default=None, repr=False)  # source PFVs (per-input normalised SAEs)
 
     @property
     def n_images(self) -> int:
@@ -95,13 +99,14 @@ class PairContext:
         return self.x[:1] if self._prefix_free else self.x[rows]
 
     def _act(self, a_MNS: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        recon = self.sae_src.decode(a_MNS) + self.err_BND[rows]
+        recon = decode(self.sae_src, a_MNS, None if self.pfv_BND is None else self.pfv_BND[rows]) + self.err_BND[rows]
         extra = None if self.extra is None else self.extra[rows]
         return self.adapter.from_pfv(PFVBatch(recon, self.positions, self.grid, extra))
 
     def _run(self, act: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
         until = None if self.target == LOGITS else self.target
-        return self.adapter.forward_from(self.source, act, x, until=until)
+        out = self.adapter.forward_from(self.source, act, x, until=until)
+        return out if self.readout is None or until is not None else out @ self.readout.T.to(out)
 
     def evaluate(self, a_MNS: torch.Tensor, rows: torch.Tensor, targets_MJ: torch.Tensor) -> torch.Tensor:
         """T for codes ``a_MNS`` of images ``rows`` (M,) and target ids ``targets_MJ`` (M, J) → (M, J)."""
@@ -134,8 +139,9 @@ def _find_sae(saes: dict, adapter: ModelAdapter, layer: str):
 @torch.no_grad()
 def prepare_pair(model, saes: dict, x: torch.Tensor, source_layer: str | int, target_layer: str | int,
                  target_fn: Literal["pre", "post"] = "pre",
-                 aggregate: Literal["argmax", "sum"] = "argmax") -> PairContext:
-    """Run the unmodified forward once and fix codes, error term, n* and the full target values."""
+                 aggregate: Literal["argmax", "sum"] = "argmax", readout: torch.Tensor | None = None) -> PairContext:
+    """Run the unmodified forward once and fix codes, error term, n* and the full target values.
+    ``readout`` (C, K): with ``target_layer="logits"``, the targets are ⟨output, readout[c]⟩ (K = output width)."""
     adapter = get_adapter(model)
     src, tgt = _canonical(adapter, source_layer), _canonical(adapter, target_layer)
     if src == LOGITS:
@@ -152,12 +158,18 @@ def prepare_pair(model, saes: dict, x: torch.Tensor, source_layer: str | int, ta
     if tgt == LOGITS:
         acts = adapter.capture(x, [src])
         logits = adapter(x)
+        if readout is not None:
+            if readout.ndim != 2 or readout.shape[1] != logits.shape[1]:
+                raise MismatchError(f"readout has shape {tuple(readout.shape)}; give (C, {logits.shape[1]}) "
+                                    f"rows of the model's output width {logits.shape[1]}")
+            readout = readout.to(logits)
+            logits = logits @ readout.T
     else:
         acts = adapter.capture(x, [src, tgt], stop_early=True)
     sb = adapter.to_pfv(acts[src])
     check_sae(sae_src, adapter, src, check_model=False, source=f"the SAE for layer {src!r}")
     a = encode_pfv(sae_src, sb.pfv)
-    err = sb.pfv - sae_src.decode(a)
+    err = sb.pfv - decode(sae_src, a, sb.pfv)
     n_star = None
     if tgt == LOGITS:
         t_full = logits
@@ -174,7 +186,7 @@ def prepare_pair(model, saes: dict, x: torch.Tensor, source_layer: str | int, ta
             val = pre if target_fn == "pre" else post
             t_full = val.sum(1) if aggregate == "sum" else val.gather(1, n_star[:, None, :])[:, 0]
     return PairContext(adapter, src, tgt, sae_src, sae_tgt, x, a, err, sb.extra, sb.positions, sb.grid,
-                       t_full, n_star, target_fn, aggregate)
+                       t_full, n_star, target_fn, aggregate, readout if tgt == LOGITS else None, pfv_BND=sb.pfv)
 
 
 # ----- baselines and IG quadrature --------------------------------------------------------------------------

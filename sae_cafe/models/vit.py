@@ -98,6 +98,13 @@ class TimmViTAdapter(_ViTAdapter):
     def block_names(self) -> list[str]:
         return [f"blocks.{i}" for i in range(len(self.model.blocks))]
 
+    def prefix_kinds(self) -> list[str]:
+        """Kinds of the prefix tokens in timm's order: class token, distillation token, register tokens."""
+        m = self.model
+        return (["cls"] * (getattr(m, "cls_token", None) is not None)
+                + ["dist"] * (getattr(m, "dist_token", None) is not None)
+                + ["register"] * int(getattr(m, "num_reg_tokens", 0) or 0))
+
 
 register_adapter(VisionTransformer, TorchvisionViTAdapter, "torchvision VisionTransformer")
 register_adapter("timm.models.vision_transformer.VisionTransformer", TimmViTAdapter, "timm VisionTransformer/DeiT")

@@ -33,10 +33,25 @@ class SAESettings:
     """PFVs per step; capped at half of the layer's training PFVs (with a note)"""
     holdout: float = 0.1
     """fraction of images (the last ones) kept out of training for the held-out metrics"""
+    tokens: str = "patch"
+    """ViT token kinds trained on: patch | all | cls (must have been extracted: [extract] tokens)"""
+    outliers: str = "report"
+    """high-norm outlier rows flagged at extraction: report (train on them, with a note) | exclude"""
+    normalize: str = "expected_average_only_in"
+    """sae-lens normalize_activations: expected_average_only_in (mean norm √d_in; factor recorded and folded
+    into the exported weights) | none"""
     n_checkpoints: int = 0
     """mid-run checkpoints (resume after an interruption)"""
     seed: int = 0
     """seed of initialisation and batch order"""
+
+    def __post_init__(self) -> None:
+        from sae_cafe.activations.shards import check_tokens
+        from sae_cafe.errors import SaeCafeError
+
+        check_tokens(self.tokens, "[sae] tokens")
+        if self.outliers not in ("report", "exclude"):
+            raise SaeCafeError(f"[sae] outliers={self.outliers!r}; use 'report' or 'exclude'")
 
 
 def stages(ctx) -> list[Stage]:
@@ -78,14 +93,18 @@ def dead_latent_advice(dead: float | None, s: SAESettings, steps: int | None, se
 
 def build(ctx, m, layer: str, s: SAESettings, notes: list[str]) -> dict[str, Any]:
     from sae_cafe.activations import ShardReader
+    from sae_cafe.activations.shards import TOKEN_SETTINGS
     from sae_training.train import SAETrainConfig, train_sae
 
     name = ctx.resolve(m, layer)
     acts = ctx.stage_dir("acts", m.name, name)
     r = ShardReader(acts)
-    s = fit_batch(s, r.n, r.n_images, notes)
+    by_kind = (r.manifest.get("counts") or {}).get("by_kind")  # rows per token kind (None: older shards)
+    n = r.n if by_kind is None else sum(by_kind.get(k, 0) for k in TOKEN_SETTINGS[s.tokens])
+    s = fit_batch(s, n, r.n_images, notes)
     cfg = SAETrainConfig(**dataclasses.asdict(s), device=ctx.device)  # same field names
     res = train_sae(acts, ctx.stage_dir("saes", m.name, name), config=cfg, overwrite=True, resume=not ctx.fresh)
+    notes.extend(res.get("notes", []))  # outlier rows trained on / left out, shards without an outlier report
     ev, tr = res.get("eval", {}), res["training"]
     out = {"d_sae": tr.get("d_sae"), "steps": tr.get("steps"), "batch_size": s.batch_size,
            "train_s": round(float(tr.get("train_seconds") or 0), 1),
