@@ -72,6 +72,18 @@ def saliency_claim(rows: dict[str, dict], metric: str, higher: bool) -> dict | N
             "best_se": best[2], "gap": gap, "margin": margin}
 
 
+def stale_weights(model: str) -> bool:
+    """True when the committed saliency results of ``model`` were made with other weights than the shipped ones."""
+    from sae_cafe.artifacts import hash_file
+    from sae_cafe.models.mini import weights_path
+
+    manifest = RESULTS / "saliency" / model / "manifest.json"
+    if not manifest.is_file() or not weights_path(model).is_file():
+        return False
+    recorded = json.loads(manifest.read_text()).get("config", {}).get("weights_hash")
+    return bool(recorded) and recorded != hash_file(weights_path(model))
+
+
 def attack_claim(model: str) -> dict | None:
     path = RESULTS / "saliency" / model / "attack.csv"
     if not path.is_file():
@@ -84,7 +96,8 @@ def attack_claim(model: str) -> dict | None:
     grads = {m: v for m, v in rise.items() if m in GRADIENT_METHODS}
     if srd is None or not grads:
         return None
-    return {"holds": all(srd < v for v in grads.values()), "srd_ssim_rise": srd, "gradient_ssim_rise": grads}
+    return {"holds": all(srd < v for v in grads.values()), "srd_ssim_rise": srd, "gradient_ssim_rise": grads,
+            "stale_weights": stale_weights(model)}
 
 
 def cafe_claim() -> dict[str, dict]:
@@ -146,7 +159,8 @@ def main() -> int:
         out["attack"][model] = a
         if a:
             g = ", ".join(f"{m} {v:+.3f}" for m, v in a["gradient_ssim_rise"].items())
-            lines.append(f"| SRD resists the manipulation attack better than gradient methods | {model} | "
+            stale = " (earlier weights, not the shipped ones)" if a["stale_weights"] else ""
+            lines.append(f"| SRD resists the manipulation attack better than gradient methods | {model}{stale} | "
                          f"{'holds' if a['holds'] else 'does not hold'} (definition-independent) | SSIM→target rise: "
                          f"SRD {a['srd_ssim_rise']:+.3f}; {g} |")
     for model, c in out["cafe"].items():
