@@ -203,6 +203,9 @@ def check_exemplars(driver, files: dict[str, np.ndarray]) -> dict:
         if not caption.startswith("#"):
             continue  # the activation map / iERF overlays of the triplet
         named = caption.split(" ", 1)[1].split(" · ")[0].strip()
+        # the caption names the file as the run recorded it (absolute since relative config paths are resolved):
+        # compare by its path inside the image folder
+        named = next((n for n in names if named == n or named.endswith("/" + n)), named)
         if not src or not width:
             shown.append({"caption": caption, "decoded": False})
             continue

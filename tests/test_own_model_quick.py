@@ -50,9 +50,13 @@ def quick_run(tmp_path_factory):
         d = tmp / "images" / ("round" if i % 2 else "square")
         d.mkdir(parents=True, exist_ok=True)
         Image.fromarray(im).save(d / f"img_{i:02d}.png")
+    # the image folder relative to the working directory, as a user writes it (the viewer runs elsewhere)
+    mp.chdir(tmp)
     cfg = load_config(REPO / "configs" / "own_model_quick.toml",
-                      {"root": str(tmp / "idx"), "run": "quick", "images": str(tmp / "images"), "device": "cpu",
+                      {"root": str(tmp / "idx"), "run": "quick", "images": "images", "device": "cpu",
                        "max_images": 12, "srd_images": 2})
+    mp.chdir(REPO)
+    assert cfg.images == str(tmp.resolve() / "images")
     rep = dataclasses.replace
     cfg = rep(cfg, models=(rep(cfg.models[0], name=MODEL, weights=str(weights)),),
               sae=rep(cfg.sae, steps=20, seconds=20.0, batch_size=64, k=4),
@@ -86,6 +90,11 @@ def test_quick_run_records_the_model_and_its_weights(quick_run):
     assert {"cafe", "icat"} <= kinds, kinds
     for _, r in recs:
         assert r["name"] == MODEL and r["weights_sha256"] == sha and r["weights"] == str(quick_run["weights"])
+    # the class push is timed inside its CAFE stage (benchmarks/bench_own_model_quick.py reports its share);
+    # only layer4 sits under a linear head (avgpool + fc), layer3 is refused by the linearity check
+    for layer, linear in (("layer3", False), ("layer4", True)):
+        m = json.loads((quick_run["run"] / "cafe" / MODEL / layer / "manifest.json").read_text())
+        assert m["has_class_push"] is linear and m["timings"]["class_push_s"] > 0
 
 
 def test_quick_run_query_uses_the_run_weights(quick_run, capsys, tmp_path):

@@ -47,6 +47,30 @@ def image_choices(ctx, limit: int = 500) -> list[tuple[str, Path]]:
     return out[:2 * limit]
 
 
+def headless_direction(ad, x, stage: Path | None):
+    """(d (K,), name) for a headless backbone (its SRD backend refuses class ids), else (None, None): the run's
+    ICAT direction (``icat/<model>/direction.safetensors``, the unit mean output) when the run has one, else the
+    image's own unit output (⟨output, d⟩ is then the output's norm)."""
+    import torch
+
+    from sae_cafe.srd.api import srd_backend
+
+    backend = srd_backend(ad)
+    with torch.no_grad():
+        backend.prepare(x.to(ad.device), torch.float32)
+    if not getattr(backend, "headless", False):
+        return None, None
+    if stage is not None:
+        f = stage.parents[2] / "icat" / D.manifest(stage)["model"].replace("/", "_") / "direction.safetensors"
+        if f.is_file():
+            from safetensors.torch import load_file
+
+            return load_file(str(f))["direction"].float(), "the run's mean output direction"
+    with torch.no_grad():
+        out = ad(x.to(ad.device))[0].float().cpu()
+    return out / out.norm().clamp_min(1e-12), "its own unit output"
+
+
 def analyse(ad, pil, stage: Path | None, sae_dir: Path | None) -> dict:
     """Run the run's model ``ad`` on one image: prediction, SRD saliency and relevance, active latents and
     their iERFs."""
@@ -57,14 +81,23 @@ def analyse(ad, pil, stage: Path | None, sae_dir: Path | None) -> dict:
     from sae_cafe.srd import srd_ierf_from_relevance, srd_relevance, srd_saliency
 
     x = ad.preprocess(pil)
-    with torch.no_grad():
-        p = torch.softmax(ad(x), 1)[0]
-    names = ad.class_names or [str(i) for i in range(p.numel())]
-    top = torch.argsort(p, descending=True)[:5].tolist()
-    target = top[0]
     img = (ad.denormalize(x)[0].clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)
-    out = {"image": img, "pred": [{"class": names[c], "probability": round(float(p[c]), 4)} for c in top],
-           "target": names[target], "saliency": srd_saliency(ad, x, target)[0].numpy()}
+    d, dname = headless_direction(ad, x, stage)
+    if d is not None:  # a headless backbone: no classes, explain ⟨output, d⟩
+        with torch.no_grad():
+            value = float(ad(x)[0].float() @ d.to(ad.device))
+        target = d
+        out = {"image": img, "output": {"output width": int(d.numel()), "direction": dname,
+                                        "⟨output, direction⟩": round(value, 4)}, "target": f"⟨output, {dname}⟩"}
+    else:
+        with torch.no_grad():
+            p = torch.softmax(ad(x), 1)[0]
+        names = ad.class_names or [str(i) for i in range(p.numel())]
+        top = torch.argsort(p, descending=True)[:5].tolist()
+        target = top[0]
+        out = {"image": img, "pred": [{"class": names[c], "probability": round(float(p[c]), 4)} for c in top],
+               "target": names[target]}
+    out["saliency"] = srd_saliency(ad, x, target)[0].numpy()
     names = list(ad.layers())
     layers = [n for n in names if "." not in n]
     if not 0 < len(layers) <= 6:
@@ -158,8 +191,12 @@ if ctx and ctx.run:
         res = st.session_state.get("ie_result")
         if res and res[0] == key and res[1] == str(stage):
             r = res[2]
-            st.subheader("Prediction")
-            st.dataframe(r["pred"], hide_index=True, key="ie_pred")
+            if "pred" in r:
+                st.subheader("Prediction")
+                st.dataframe(r["pred"], hide_index=True, key="ie_pred")
+            else:
+                st.subheader("Output (a headless backbone: a feature vector, no classes)")
+                st.dataframe([r["output"]], hide_index=True, key="ie_pred")
             st.subheader(f"SRD saliency for '{r['target']}' and per-layer relevance")
             pics = [C.upscale(C.overlay(r["image"], r["saliency"], signed=True))]
             caps = ["saliency (SRD)"]

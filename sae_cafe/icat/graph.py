@@ -86,9 +86,13 @@ def prune_parents(scores_SJ: torch.Tensor, cfg: GraphConfig) -> list[list[tuple[
 
 
 def build_graph(model, saes: dict, x: torch.Tensor, layers: Sequence[str | int], root_class: int | None = None,
-                config: GraphConfig | None = None, baseline_values: dict | None = None) -> nx.DiGraph:
+                config: GraphConfig | None = None, baseline_values: dict | None = None,
+                readout: torch.Tensor | None = None, root_label: str | None = None) -> nx.DiGraph:
     """Concept graph of images ``x`` (N, 3, H, W) rooted at class ``root_class`` (default: the class most
     often predicted on ``x``), over the analysed ``layers`` (forward order) and the logits.
+
+    ``readout`` (C, K): the root is ⟨output, readout[root_class]⟩ instead of an output (a direction target of
+    a headless backbone: ``readout = d[None]``, ``root_class = 0``); ``root_label`` names the root node.
 
     ``baseline_values`` {layer: (S,) tensor} is used when ``config.baseline == "mean"`` (dataset means);
     without it the mean code of ``x`` is used.
@@ -101,6 +105,8 @@ def build_graph(model, saes: dict, x: torch.Tensor, layers: Sequence[str | int],
         raise SaeCafeError(f"layers must be given in forward order, got {layers}")
     with torch.no_grad():
         logits = adapter(x.to(adapter.device))
+        if readout is not None:
+            logits = logits @ readout.T.to(logits)
     pred = logits.argmax(1)
     if root_class is None:
         root_class = int(pred.mode().values)
@@ -110,14 +116,15 @@ def build_graph(model, saes: dict, x: torch.Tensor, layers: Sequence[str | int],
     root = class_node(root_class)
     cname = adapter.class_names[root_class] if adapter.class_names else str(root_class)
     G.add_node(root, kind="class", layer=LOGITS, latent=int(root_class), depth=len(layers),
-               value=float(logits[:, root_class].mean()), label=f"class {cname}", card="", card_latent=-1)
+               value=float(logits[:, root_class].mean()), label=root_label or f"class {cname}", card="",
+               card_latent=-1)
     frontier = [int(root_class)]
     child_layer = LOGITS
     for depth in range(len(layers) - 1, -1, -1):
         if not frontier:
             break
         src = layers[depth]
-        ctx = prepare_pair(adapter, saes, x, src, child_layer)
+        ctx = prepare_pair(adapter, saes, x, src, child_layer, readout=readout if child_layer == LOGITS else None)
         base = cfg.baseline
         if base == "mean" and baseline_values is not None and src in baseline_values:
             base = baseline_values[src]

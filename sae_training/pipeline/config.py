@@ -24,10 +24,12 @@ from .extract import ExtractSettings
 from .icat import ICATSettings
 from .sae import SAESettings
 from .saliency import SaliencySettings
+from .sources import is_generated
 from .world import WorldSettings
 
 DEFAULT_CONFIG_NAME = "demo.toml"
 LABEL_POLICIES = LABEL_MODES  # the one label policy of sae_cafe.labels
+TARGETS = ("class", "mean_direction")  # ModelSettings.target
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,10 @@ class ModelSettings:
     """run the saliency benchmark"""
     sae: dict[str, Any] = field(default_factory=dict)
     """:class:`SAESettings` fields overridden for this model"""
+    target: str = "class"
+    """what the SRD maps and ICAT's last edge explain: class (the predicted class logit; a model with
+    classes) | mean_direction (⟨output, d⟩ with d the unit mean output over the run's first images: the
+    target of a headless backbone, whose output is a pooled feature vector)"""
 
 
 @dataclass(frozen=True)
@@ -65,7 +71,8 @@ class RunConfig:
     threads: int | None = None
     """torch CPU threads (None: torch's default)"""
     images: str | None = None
-    """a user's image folder (flat or ImageFolder) instead of the generated world"""
+    """a user's image folder (flat or ImageFolder) instead of the generated world, or a generated source
+    written into <root>/<run>/images/: skimage_crops:N[:SIZE] (``sae_training.pipeline.sources``)"""
     max_images: int | None = None
     """use N images of the folder, spread over the class folders (round-robin; evenly over a flat folder)"""
     labels: str = "class_names"
@@ -163,18 +170,23 @@ def load_config(path: str | Path | None = None, overrides: dict[str, Any] | None
         models.append(dataclasses.replace(m, weights=str(_resolve(m.weights, base))) if m.weights else m)
     if len({m.name for m in models}) != len(models):
         raise SaeCafeError(f"{where}: a model is listed twice in [[models]]; give each model once")
+    for m in models:
+        if m.target not in TARGETS:
+            raise SaeCafeError(f"{where}: model {m.name!r}: target must be one of {TARGETS}, got {m.target!r}")
     if cfg.labels not in LABEL_POLICIES:
         raise SaeCafeError(f"{where}: labels must be one of {LABEL_POLICIES}, got {cfg.labels!r}")
     return dataclasses.replace(cfg, models=tuple(models),
-                               images=str(_resolve(cfg.images, base)) if cfg.images else None,
+                               images=(cfg.images if is_generated(cfg.images) else str(_resolve(cfg.images, base))
+                                       if cfg.images else None),
                                class_names=str(_resolve(cfg.class_names, base)) if cfg.class_names else None)
 
 
 def _resolve(value: str, base: Path | None) -> Path:
     """``~`` expanded; a relative path is taken relative to the working directory if it exists there, else
-    relative to ``base`` (the config file's folder)."""
+    relative to ``base`` (the config file's folder); an existing path is made absolute (recorded image names
+    and folders must not depend on the directory a later reader, e.g. the viewer, runs in)."""
     q = Path(os.path.expanduser(value))
     if q.is_absolute() or q.exists() or base is None:
-        return q
+        return q.resolve() if q.exists() else q
     alt = base / q
-    return alt if alt.exists() else q
+    return alt.resolve() if alt.exists() else q

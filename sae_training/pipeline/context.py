@@ -14,7 +14,11 @@ from typing import Any
 
 from sae_cafe.errors import SaeCafeError
 
+from .sources import is_generated, materialize
+
 RANDOM_WEIGHTS = "no weights file given"
+#: images whose mean output gives the ``mean_direction`` target (spread over the classes)
+DIRECTION_IMAGES = 64
 
 
 def round_robin(labels: list[Any], n: int) -> list[int]:
@@ -43,15 +47,18 @@ class RunContext:
     def __init__(self, cfg, fresh: bool = False, console=None):
         from rich.console import Console
 
-        self.cfg, self.fresh = cfg, fresh
         self.console = console or Console(stderr=False)
         self.root = Path(cfg.root)
         self.run_dir = self.root / cfg.run
+        if is_generated(cfg.images):  # e.g. skimage_crops:200 → <root>/<run>/images/ (written once)
+            cfg = dataclasses.replace(cfg, images=str(materialize(cfg.images, self.run_dir / "images")))
+        self.cfg, self.fresh = cfg, fresh
         self.device = self._device(cfg.device)
         self.results: dict[str, Any] = {}
         self.model_warnings: dict[str, list[str]] = {}
         self.label_decisions: dict[str, dict[str, Any]] = {}
         self._adapters: dict[str, Any] = {}
+        self._directions: dict[str, Any] = {}
         self._world = None
         self._folder_files: list[tuple[Path, str | None]] | None = None
 
@@ -97,6 +104,27 @@ class RunContext:
         ad = self.adapter(m)
         return {"weights": m.weights, "weights_hash": getattr(ad, "weights_hash", None),
                 "random_weights": self.random_weights(m), KEY: record_for(ad, m.weights).to_json()}
+
+    def direction(self, m) -> dict[str, Any]:
+        """The ``mean_direction`` target of model ``m`` (once per run): ``d`` (K,) float32, the unit mean of the
+        model's outputs over :data:`DIRECTION_IMAGES` images spread over the classes, with what describes it
+        (``name``, ``norm`` of the mean before normalising, ``images``). Stages explain ⟨output, d⟩."""
+        if m.name not in self._directions:
+            import torch
+
+            ad = self.adapter(m)
+            idx = self.spread(DIRECTION_IMAGES)
+            x, _, _, _ = self.labelled_images(len(idx), ad, spread=True, notes=[], label=False)
+            with torch.no_grad():
+                out = torch.cat([ad.model(x[i:i + 16].to(self.device)).float().cpu() for i in range(0, len(x), 16)])
+            mean = out.mean(0)
+            norm = float(mean.norm())
+            if not norm > 0:
+                raise SaeCafeError(f"{m.name}: the mean output over {len(x)} images is zero; the mean_direction "
+                                   "target is undefined (use target = 'class' on a model with classes)")
+            self._directions[m.name] = {"d": mean / norm, "name": "mean output direction", "norm": norm,
+                                        "images": len(x)}
+        return self._directions[m.name]
 
     def resolve(self, m, layer: str) -> str:
         return self.adapter(m).resolve_layer(layer)
@@ -192,10 +220,12 @@ class RunContext:
         evenly spaced over a flat folder."""
         return round_robin(self.image_labels(), n)
 
-    def labelled_images(self, n: int, adapter, spread: bool = False, notes: list[str] | None = None):
+    def labelled_images(self, n: int, adapter, spread: bool = False, notes: list[str] | None = None,
+                        label: bool = True):
         """The first ``n`` images (``spread``: ``n`` spread across the classes): (preprocessed x (n,3,H,W),
         labels (n,) long, masks (n,H,W) bool or None, ids). ``notes`` collects notes about them (e.g. no
-        masks, what the labels are); without it those notes are dropped (stages that use neither)."""
+        masks, what the labels are); without it those notes are dropped (stages that use neither).
+        ``label=False``: no labels (None; a stage that explains a direction needs no class)."""
         import numpy as np
         import torch
 
@@ -215,7 +245,7 @@ class RunContext:
         if masks is not None:
             masks = np.stack([m if m.shape == tuple(x.shape[-2:]) and adapter.resize is None
                               else mask_through_preprocess(adapter, m) for m in masks])
-        return x, self._labels(files, adapter, x, notes), masks, ids
+        return x, self._labels(files, adapter, x, notes) if label else None, masks, ids
 
     def _labels(self, files, adapter, x, notes: list[str] | None):
         """Labels of user images under the one label policy (``sae_cafe.labels``, ``cfg.labels`` and

@@ -40,7 +40,8 @@ def stages(ctx) -> list[Stage]:
         if m.icat:
             deps = [f"saes/{m.name}/{n}" for n in m.layers] + [f"cafe/{m.name}/{n}" for n in m.layers
                                                                if m.cafe] + ctx.image_deps()
-            key = {"icat": ctx.cfg.icat, "labels": ctx.cfg.labels, "class_names": ctx.cfg.class_names}
+            key = {"icat": ctx.cfg.icat, "labels": ctx.cfg.labels, "class_names": ctx.cfg.class_names,
+                   "target": m.target}
             out.append(Stage(f"icat/{m.name}", deps, key,
                              lambda m=m: [ctx.stage_dir("icat", m.name)], lambda notes, m=m: build(ctx, m, notes)))
     return out
@@ -54,12 +55,21 @@ def build(ctx, m, notes: list[str]) -> dict[str, Any]:
     layers = ctx.layers(m)
     saes = {n: load_sae(ctx.stage_dir("saes", m.name, n), ad, n, device=ctx.device) for n in layers}
     s = ctx.cfg.icat
-    x, labels, _, _ = ctx.labelled_images(s.n_images, ad, notes=notes)
+    direction = ctx.direction(m) if m.target == "mean_direction" else None
+    x, labels, _, _ = ctx.labelled_images(s.per_class if direction else s.n_images, ad, notes=notes,
+                                          spread=direction is not None, label=direction is None)
     cfg = ICATConfig(layers=layers, graph=GraphConfig(steps=s.steps, top_k=s.top_k, max_nodes_per_layer=s.max_nodes),
                      max_images_per_class=s.per_class, attack=s.attack, eps=s.eps / 255, cases=s.cases)
-    classes = sorted(set(labels.tolist()))[: s.max_classes] if s.max_classes else None
-    out = build_icat(ad, saes, x.to(ctx.device), labels, ctx.cfg.run, root=ctx.root, steps=s.steps,
-                     config=cfg, model_name=m.name, classes=classes)
+    if direction is not None:
+        notes.append(f"ICAT's last edge explains ⟨output, d⟩, d = the unit mean output over {direction['images']} "
+                     f"images (mean norm {direction['norm']:.3g}); one graph over {len(x)} images spread over the "
+                     "folders, no class graphs or case studies (they need classes)")
+        out = build_icat(ad, saes, x.to(ctx.device), None, ctx.cfg.run, root=ctx.root, steps=s.steps, config=cfg,
+                         model_name=m.name, direction=direction["d"], direction_name=direction["name"])
+    else:
+        classes = sorted(set(labels.tolist()))[: s.max_classes] if s.max_classes else None
+        out = build_icat(ad, saes, x.to(ctx.device), labels, ctx.cfg.run, root=ctx.root, steps=s.steps,
+                         config=cfg, model_name=m.name, classes=classes)
     man = json.loads((out / "manifest.json").read_text())
     cases = json.loads((out / "cases.json").read_text()) if (out / "cases.json").exists() else {}
     acc = man.get("accuracy")
@@ -73,7 +83,7 @@ def build(ctx, m, notes: list[str]) -> dict[str, Any]:
                                + "); check that the labels are the model's classes, or use labels = 'predicted'")
     if not res["class_graphs"]:
         reasons["class_graphs"] = "no class had images to build a graph from (see the notes)"
-    if s.cases and not cases:
+    if s.cases and not cases and direction is None:
         reasons["cases"] = "no case found (a misclassified case needs a wrong prediction among the images)"
     if reasons:
         res["_reasons"] = reasons
