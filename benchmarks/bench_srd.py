@@ -6,11 +6,12 @@ seconds per image of SRD saliency, the ratio to forward + input-gradient of the 
 frozen), and 64 seeds through srd_ierf_from_relevance vs 64 separate srd_ierf calls. All ratios are
 measured in one process, interleaved, best of ``--repeat`` runs.
 
-``--batches 1,4`` overrides the batch sizes; ``--post-forms triangular,sliced`` times ConvNeXt's depthwise-path
-rule (:mod:`sae_cafe.srd.rules_post`) in each form on the same batch, in the same process (``sliced`` is the
-form used before the triangular one); ``--no-seeds`` skips the seed comparison. Besides wall-clock seconds,
-the ratio of process CPU seconds is printed (``cpu ratio``): on a machine shared with other jobs it moves
-less than the wall-clock ratio.
+Any registered name works too (``--models timm/resnet50,densenet121``: no seed comparison for those).
+``--threads 2,1`` times each thread count in turn. ``--batches 1,4`` overrides the batch sizes;
+``--post-forms triangular,sliced`` times ConvNeXt's depthwise-path rule (:mod:`sae_cafe.srd.rules_post`) in
+each form on the same batch, in the same process (``sliced`` is the form used before the triangular one);
+``--no-seeds`` skips the seed comparison. Besides wall-clock seconds, the ratio of process CPU seconds is
+printed (``cpu ratio``): on a machine shared with other jobs it moves less than the wall-clock ratio.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import os
 import time
 import warnings
 
@@ -64,17 +66,29 @@ def fwd_bwd(model, x, target):
     model(xg)[:, target].sum().backward()
 
 
+def make_model(name: str):
+    """A torchvision constructor by name, else a registered name (``timm/resnet50``, ``densenet121``, …)."""
+    if hasattr(torchvision.models, name):
+        return getattr(torchvision.models, name)()
+    from sae_cafe.models import load_model
+    return load_model(name).model
+
+
 def bench(name: str, batch: int, layer: str, repeat: int, device: str, seeds: int, separate: int,
           form: str | None = None) -> dict:
-    model = getattr(torchvision.models, name)().eval().to(device)
+    model = make_model(name).eval().to(device)
     for p in model.parameters():
         p.requires_grad_(False)
     x = torch.randn(batch, 3, 224, 224, device=device)
     srd_saliency(model, x, 1)  # builds and verifies the stage graph once
-    c_srd, c_ref = [], []
-    with post_form(form):
-        t_srd = best_time(lambda: srd_saliency(model, x, 1), repeat, device, c_srd)
-    t_ref = best_time(lambda: fwd_bwd(model, x, 1), repeat, device, c_ref)
+    c_srd, c_ref, w_srd, w_ref = [], [], [], []
+    fwd_bwd(model, x, 1)
+    for _ in range(repeat):  # interleaved: a load change on a shared machine hits both sides alike
+        with post_form(form):
+            w_srd.append(best_time(lambda: srd_saliency(model, x, 1), 1, device, c_srd))
+        w_ref.append(best_time(lambda: fwd_bwd(model, x, 1), 1, device, c_ref))
+    t_srd, t_ref = min(w_srd), min(w_ref)
+    c_srd, c_ref = [min(c_srd)], [min(c_ref)]
     out = dict(model=name, batch=batch, srd_s_per_img=t_srd / batch, ref_s_per_img=t_ref / batch,
                ratio=t_srd / t_ref, cpu_ratio=c_srd[0] / c_ref[0], maps_per_s=batch / t_srd, form=form or "-")
     if not seeds:
@@ -109,26 +123,31 @@ def main() -> None:
     ap.add_argument("--post-forms", default="",
                     help="ConvNeXt: comma-separated forms of the depthwise-path rule to compare (triangular, sliced)")
     ap.add_argument("--no-seeds", action="store_true", help="skip the 64 seeds vs 64 calls comparison")
+    ap.add_argument("--threads", default="", help="comma-separated intra-op thread counts (default: torch's)")
     args = ap.parse_args()
     if args.device == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
     configs = {"resnet50": (4, "layer3.5"), "vgg16": (2, "features.22"), "convnext_tiny": (1, "features.5.4")}
-    print(f"device={args.device} threads={torch.get_num_threads()} torch={torch.__version__}")
-    print(f"{'model':13s} {'form':10s} {'batch':>5s} {'SRD s/img':>10s} {'fwd+bwd s/img':>14s} {'ratio':>6s} "
-          f"{'cpu ratio':>9s} {'maps/s':>8s} {'64 seeds s':>11s} {'64 calls s':>11s} {'seed ratio':>10s}")
+    threads = [int(t) for t in args.threads.split(",") if t] or [torch.get_num_threads()]
+    print(f"device={args.device} threads={threads} torch={torch.__version__}")
+    print(f"{'model':13s} {'form':10s} {'batch':>5s} {'thr':>3s} {'SRD s/img':>10s} {'fwd+bwd s/img':>14s} "
+          f"{'ratio':>6s} {'cpu ratio':>9s} {'maps/s':>8s} {'64 seeds s':>11s} {'64 calls s':>11s} {'seed ratio':>10s}")
     for name in args.models.split(","):
-        batch, layer = configs[name]
+        batch, layer = configs.get(name, (1, ""))
         if args.device == "cuda" and name == "resnet50":
             batch = 64
-        forms = [f or None for f in args.post_forms.split(",")] if name.startswith("convnext") else [None]
+        forms = [f or None for f in args.post_forms.split(",")] if "convnext" in name else [None]
+        seeds = 0 if args.no_seeds or not layer else 64
         for b in [int(v) for v in args.batches.split(",") if v] or [batch]:
-            for form in forms:
-                r = bench(name, b, layer, args.repeat, args.device, 0 if args.no_seeds else 64, args.separate,
-                          form)
-                print(f"{r['model']:13s} {r['form']:10s} {r['batch']:5d} {r['srd_s_per_img']:10.3f} "
-                      f"{r['ref_s_per_img']:14.3f} {r['ratio']:6.2f} {r['cpu_ratio']:9.2f} {r['maps_per_s']:8.1f} "
-                      f"{r['many_s']:11.3f} {r['separate_s']:11.3f} {r['seed_ratio']:10.3f}", flush=True)
+            for t in threads:
+                torch.set_num_threads(t)
+                for form in forms:
+                    r = bench(name, b, layer, args.repeat, args.device, seeds, args.separate, form)
+                    print(f"{r['model']:13s} {r['form']:10s} {r['batch']:5d} {t:3d} {r['srd_s_per_img']:10.3f} "
+                          f"{r['ref_s_per_img']:14.3f} {r['ratio']:6.2f} {r['cpu_ratio']:9.2f} "
+                          f"{r['maps_per_s']:8.1f} {r['many_s']:11.3f} {r['separate_s']:11.3f} "
+                          f"{r['seed_ratio']:10.3f}  load {os.getloadavg()[0]:.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,8 @@
 
     .venv/bin/python benchmarks/bench_srd_foundation.py [--models clip siglip dinov2] [--batch 2] [--reps 3]
 
+writes benchmarks/results/srd_foundation.{json,md} (``--out`` for another folder).
+
 Models (random weights, 224×224, built by ``load_model`` as timm constructs them; no downloads):
 ``vit_base_patch16_clip_224`` (CLIP ViT-B/16: norm_pre, a fresh 1000-class head, target = predicted class),
 ``vit_base_patch16_siglip_224`` (SigLIP ViT-B/16: attention-pool head, headless) and
@@ -17,15 +19,19 @@ float32 conservation error |Σmap + sink − target| / (Σ|map| + |sink| + |targ
 from __future__ import annotations
 
 import argparse
+import json
+import os
 import statistics
 import time
 import warnings
+from pathlib import Path
 
 import torch
 
 from sae_cafe.models import load_model
 from sae_cafe.srd import srd_ierf, srd_saliency
 
+RESULTS = Path(__file__).resolve().parent / "results"
 MODELS = {"clip": "vit_base_patch16_clip_224", "siglip": "vit_base_patch16_siglip_224",
           "dinov2": "vit_small_patch14_dinov2"}
 
@@ -93,6 +99,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--out", type=Path, default=RESULTS,
+                    help="folder for srd_foundation.json / .md (default: benchmarks/results)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -100,11 +108,34 @@ def main() -> None:
           f"batch {args.batch}, 224x224, random weights")
     print(f"{'model':<30} {'target':<9} {'fwd+grad s':>10} {'SRD s':>7} {'ratio':>6} {'CPU ratio':>9} "
           f"{'cons.err':>9} {'sink':>6} {'iERF err':>9}")
+    rows = []
     for key in args.models:
         r = bench(key, args.batch, args.reps, args.device)
+        r["load"] = round(os.getloadavg()[0], 2)
+        rows.append(r)
         print(f"{r['model']:<30} {r['target']:<9} {r['fwd_grad_s']:10.3f} {r['srd_s']:7.3f} {r['ratio']:5.2f}x "
               f"{r['cpu_ratio']:8.2f}x {r['cons_err']:9.1e} {r['sink_share']:6.3f} {r['ierf_err']:9.1e}",
               flush=True)
+    if args.out is not None:
+        meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "device": args.device,
+                "batch": args.batch, "reps": args.reps, "input": "224 px", "weights": "random",
+                "dtype": "float32", "timing": "median of interleaved repetitions"}
+        args.out.mkdir(parents=True, exist_ok=True)
+        (args.out / "srd_foundation.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+        (args.out / "srd_foundation.md").write_text(render(rows, meta))
+
+
+def render(rows: list[dict], meta: dict) -> str:
+    """The results as a Markdown table (ratio target ≤ 1×)."""
+    lines = [f"batch {meta['batch']}, {meta['threads']} threads, {meta['device']}, 224 px, random weights, "
+             f"float32, median of {meta['reps']} interleaved repetitions; load = 1-minute load average", "",
+             "| model | target | fwd + input-grad s | SRD s | ratio (wall) | ratio (CPU s) | conservation err "
+             "| sink share | iERF err | load |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['target']} | {r['fwd_grad_s']:.3f} | {r['srd_s']:.3f} | "
+                     f"{r['ratio']:.2f}× | {r['cpu_ratio']:.2f}× | {r['cons_err']:.1e} | {r['sink_share']:.3f} | "
+                     f"{r['ierf_err']:.1e} | {r['load']:.1f} |")
+    return "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":

@@ -4,7 +4,9 @@ For each model (by default one registered name per model class; ``--all`` for ev
 - saliency conservation: |Σmap + sink − target| / (Σ|map| + |sink| + |target|) with ``contrast="none"``, where
   target is the logit of class 1 or, for a headless backbone, ⟨output, direction⟩ for a random direction;
 - iERF conservation at the middle PFV layer: max over 4 positions of |Σ iERF + sink − 1|;
-- SRD cost: saliency time / (forward + input-gradient) time, batch 1, same process, best of ``--repeat``;
+- SRD cost: saliency time / (forward + input-gradient) time, batch 1, same process, interleaved, best of
+  ``--repeat``; wall-clock and process-CPU-seconds ratios (the CPU ratio moves less on a shared machine), and
+  the 1-minute load average when measured;
 - extraction: PFVs of the middle layer round-trip exactly (``to_pfv`` → ``from_pfv``);
 - CAFE: a 2-latent CAFE build (random TopK SAE) on 4 random images succeeds.
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import tempfile
 import time
@@ -55,6 +58,19 @@ def best_time(fn, repeat: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return min(times)
+
+
+def best_pair(fa, fb, repeat: int) -> tuple[float, float, float, float]:
+    """(wall a, wall b, CPU a, CPU b): best of ``repeat`` runs each, interleaved a, b, a, b, … so that a load
+    change on a shared machine hits both alike; process CPU seconds beside wall-clock seconds."""
+    wa, wb, ca, cb = [], [], [], []
+    for _ in range(repeat):
+        for fn, w, c in ((fa, wa, ca), (fb, wb, cb)):
+            t, p = time.perf_counter(), time.process_time()
+            fn()
+            w.append(time.perf_counter() - t)
+            c.append(time.process_time() - p)
+    return min(wa), min(wb), min(ca), min(cb)
 
 
 def model_class(model) -> type:
@@ -117,10 +133,13 @@ def zoo_row(row: dict, repeat: int) -> None:
         (out[:, 1].sum() if not torch.is_tensor(target) or target.ndim == 0 else out @ target).sum().backward()
 
     srd_saliency(adapter, x, target)
-    t_srd = best_time(lambda: srd_saliency(adapter, x, target), repeat)
-    t_ref = best_time(grad_ref, repeat)
+    grad_ref()
+    t_srd, t_ref, c_srd, c_ref = best_pair(lambda: srd_saliency(adapter, x, target), grad_ref, repeat)
     row["cost"] = t_srd / t_ref
+    row["cost_cpu"] = c_srd / c_ref
     row["srd_s"] = t_srd
+    row["load"] = round(os.getloadavg()[0], 2)
+    row["threads"] = torch.get_num_threads()
 
     layers = list(adapter.layers())
     mid = layers[len(layers) // 2]
@@ -156,12 +175,14 @@ def _cell(r: dict, key: str, fmt: str) -> str:
 
 def render(rows: list[dict]) -> str:
     lines = ["| model | constructor | saliency conservation err | iERF err | iERF layer "
-             "| SRD cost × (fwd + input-grad) | extraction | CAFE 2-latent build | error |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "| SRD cost × (fwd + input-grad), wall | CPU s | threads | load | extraction | CAFE 2-latent build "
+             "| error |", "|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         cost = _cell(r, "cost", ".2f") + ("×" if "cost" in r else "")
+        cpu = _cell(r, "cost_cpu", ".2f") + ("×" if "cost_cpu" in r else "")
         lines.append(f"| {r['model']} | {r.get('constructor', '—')} | {_cell(r, 'saliency_err', '.1e')} | "
-                     f"{_cell(r, 'ierf_err', '.1e')} | {r.get('ierf_layer', '—')} | {cost} | "
+                     f"{_cell(r, 'ierf_err', '.1e')} | {r.get('ierf_layer', '—')} | {cost} | {cpu} | "
+                     f"{r.get('threads', '—')} | {_cell(r, 'load', '.1f')} | "
                      f"{_cell(r, 'extraction_ok', '')} | {_cell(r, 'cafe_ok', '')} | {r.get('error', '')} |")
     return "\n".join(lines) + "\n"
 
@@ -179,7 +200,13 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     names = args.models or (list_adapters() if args.all else representatives(list_adapters()) if args.per_class
                             else list(DEFAULT_MODELS))
-    rows = []
+    args.out.mkdir(parents=True, exist_ok=True)
+    old = (json.loads((args.out / "model_zoo.json").read_text())["rows"]
+           if args.update and (args.out / "model_zoo.json").is_file() else [])
+    meta = {"threads": args.threads, "torch": torch.__version__, "input": "224 px (the adapter's input size)",
+            "weights": "random", "dtype": "float32", "batch": 1, "repeat": args.repeat}
+    rows: list[dict] = []
+    table = old
     for n in names:
         t = time.perf_counter()
         row: dict = {"model": n}
@@ -191,16 +218,11 @@ def main(argv: list[str] | None = None) -> int:
         row["wall_s"] = round(time.perf_counter() - t, 1)
         rows.append(row)
         print(json.dumps(row), flush=True)
-    args.out.mkdir(parents=True, exist_ok=True)
-    if args.update and (args.out / "model_zoo.json").is_file():
-        old = json.loads((args.out / "model_zoo.json").read_text())["rows"]
-        new = {r["model"]: r for r in rows}
-        rows = [new.pop(r["model"], r) for r in old] + list(new.values())
-    meta = {"threads": args.threads, "torch": torch.__version__, "input": "224 px (the adapter's input size)",
-            "weights": "random", "dtype": "float32", "batch": 1, "repeat": args.repeat}
-    (args.out / "model_zoo.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
-    (args.out / "model_zoo.md").write_text(render(rows))
-    print(render(rows))
+        new = {r["model"]: r for r in rows}  # written after every row: an interrupted run keeps what it measured
+        table = [new.pop(r["model"], r) for r in old] + list(new.values())
+        (args.out / "model_zoo.json").write_text(json.dumps({"meta": meta, "rows": table}, indent=1))
+        (args.out / "model_zoo.md").write_text(render(table))
+    print(render(table))
     return 0
 
 

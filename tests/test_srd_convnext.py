@@ -248,6 +248,37 @@ def test_post_rule_triangular_equals_sliced_and_explicit(C, kernel, padding, dil
     assert float((broken - ref).abs().max()) > 1e-3 * scale
 
 
+@pytest.mark.parametrize("C, kernel, padding, dilation, size", [
+    (70, (7, 7), (3, 3), (1, 1), (9, 8)),  # ConvNeXt geometry, 3 blocks of R
+    (33, (3, 5), (1, 2), (2, 1), (6, 9)),  # rectangular, dilated
+])
+def test_post_rule_scale_and_parts_give_the_same_ratios(C, kernel, padding, dilation, size):
+    """A node with a frozen per-target scale, z = s·post·dwconv(v) + b (a CNBlock's first node), gets the ratios
+    of the divided node z/s (scale-free bias shares), with or without its parts (postᵀz computed from the
+    depthwise output d: z = s·post·d + c), float64, 1e-12; wrong parts change them."""
+    g = torch.Generator().manual_seed(C + 1)
+    N, cout = 2, 3 * C
+    v = torch.randn(N, C, *size, dtype=F64, generator=g)
+    post = torch.randn(cout, C, dtype=F64, generator=g)
+    post = post - post.mean(1, keepdim=True)
+    weight = torch.randn(C, 1, *kernel, dtype=F64, generator=g)
+    z_hw = [size[i] + 2 * padding[i] - dilation[i] * (kernel[i] - 1) for i in range(2)]
+    b_dw, c = torch.randn(C, dtype=F64, generator=g), torch.randn(cout, dtype=F64, generator=g)
+    s = torch.rand(N, 1, *z_hw, dtype=F64, generator=g) + 0.5
+    bias_div = (post @ b_dw).view(1, -1, 1, 1) + c.view(1, -1, 1, 1) / s  # the bias of z/s
+    branch = Branch("v", ConvSpec(weight, (1, 1), padding, dilation, C, "dw", post), bias=torch.zeros(cout, dtype=F64))
+    ref, z_div, _ = _explicit_post_mu(post, weight, padding, dilation, v, bias_div)
+    scale = float(ref.abs().max())
+    d = F.conv2d(v, weight, b_dw, 1, padding, dilation, C).permute(0, 2, 3, 1)
+    z, bias = s * z_div, s * bias_div
+    assert torch.allclose(z, s * torch.einsum("oc,nhwc->nohw", post, d) + c.view(1, -1, 1, 1), atol=1e-12)
+    for form, parts in (("triangular", (d, c)), ("triangular", None), ("sliced", None)):
+        ours = rules_post.post_branch_mu(branch, v, z, bias, form=form, parts=parts, scale=s)
+        assert scale > 0 and float((ours - ref).abs().max()) <= 1e-12 * scale, (form, parts is None)
+    broken = rules_post.post_branch_mu(branch, v, z, bias, form="triangular", parts=(d, 2 * c), scale=s)
+    assert float((broken - ref).abs().max()) > 1e-3 * scale
+
+
 def test_triangular_rule_matches_sliced_end_to_end():
     """Wider CNBlocks (C = 40, 72: several blocks of R) in float64: saliency, hidden relevance and iERFs with
     the triangular form equal those of the sliced form (the rule used before) to 1e-12."""

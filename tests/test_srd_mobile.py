@@ -178,3 +178,38 @@ def test_unsupported_module_inside_block_is_named():
     model.features[3][0].block[0][2] = nn.Softplus()  # not an element-wise activation SRD knows
     with pytest.raises(UnsupportedModuleError, match=r"features\.3\.0\.block\.0\.2: module Softplus"):
         srd_saliency(model, torch.randn(1, 3, 32, 32), 0)
+
+
+@pytest.mark.parametrize("C, kernel, stride, padding, dilation, size", [
+    (24, (3, 3), (1, 1), (1, 1), (1, 1), (9, 8)),  # MobileNet depthwise
+    (16, (5, 5), (2, 2), (2, 2), (1, 1), (11, 10)),  # strided (EfficientNet 5×5 / stride 2)
+    (8, (3, 5), (2, 1), (0, 3), (2, 1), (12, 9)),  # rectangular, dilated, no row padding
+    (6, (2, 2), (2, 2), (0, 0), (1, 1), (8, 8)),  # an average pool as a depthwise conv
+])
+def test_depthwise_rule_equals_unfolded_form(C, kernel, stride, padding, dilation, size):
+    """The depthwise rule (strided views + one-hot w_k² convolution) against the generic unfolded form it
+    replaces outside autograd, float64, 1e-12, with a per-target bias map, zero regions and a zero target;
+    flipped kernels give other ratios."""
+    from sae_cafe.srd.graph import Branch, ConvSpec
+    from sae_cafe.srd.rules import branch_mu
+
+    g = torch.Generator().manual_seed(C)
+    v = torch.randn(2, C, *size, dtype=F64, generator=g)
+    v[0, :, :4, :4] = 0
+    weight = torch.randn(C, 1, *kernel, dtype=F64, generator=g)
+    spec = ConvSpec(weight, stride, padding, dilation, C, "dw")
+    branch = Branch("v", spec, bias=torch.randn(C, dtype=F64, generator=g))
+    out = spec(v) + branch.bias.view(1, -1, 1, 1)
+    z = out.clone()
+    z[1, :, 0, 0] = 0
+    bias_map = torch.randn_like(z)
+    bias_map[0, :, :2, :2] = 0
+    for bm in (None, bias_map):
+        fast = branch_mu(branch, v, z, out, None, None, bias_map=bm)
+        with torch.enable_grad():  # under autograd the generic unfolded form runs
+            slow = branch_mu(branch, v.clone().requires_grad_(True), z, out, None, None, bias_map=bm).detach()
+        scale = float(slow.abs().max())
+        assert scale > 0 and float((fast - slow).abs().max()) <= 1e-12 * scale
+    flipped = Branch("v", ConvSpec(weight.flip(-1, -2), stride, padding, dilation, C, "dw"), bias=branch.bias)
+    broken = branch_mu(flipped, v, z, out, None, None, bias_map=bias_map)
+    assert float((broken - slow).abs().max()) > 1e-3 * scale

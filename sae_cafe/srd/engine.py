@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import NonFiniteError
+from . import rules_post
 from .graph import Branch, FrozenAffine, Head, SRDGraph
 from .rules import branch_mu, fused_stage, make_scatter
 
@@ -186,6 +187,9 @@ def _frozen_mu(br: Branch, rec: FrozenAffine, z: torch.Tensor, out: torch.Tensor
     bias = rec.bias
     if rec.scale is None:
         return branch_mu(br, rec.source, z, out, None, None, bias_map=bias)
+    if br.conv is not None and br.conv.post is not None:  # the same ratios without dividing the maps by s
+        return rules_post.post_branch_mu(br, rec.source, z, bias, scale=rec.scale,
+                                         parts=getattr(rec, "node_parts", None))
     if bias is None and br.bias is not None:
         bias = br.bias.view(1, -1, 1, 1)
     s = rec.scale

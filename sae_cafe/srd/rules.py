@@ -18,6 +18,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
+from torch.utils.weak import WeakIdKeyDictionary
 
 from .graph import Branch, MaxPoolSpec
 
@@ -142,6 +143,24 @@ def _band_rows(rows: int, row_bytes: int, band_bytes: int | None) -> int:
     return max(1, min(rows, (band_bytes or (1 << 23) * torch.get_num_threads()) // max(row_bytes, 1)))
 
 
+_GRAMS: WeakIdKeyDictionary = WeakIdKeyDictionary()  # conv weight → (its version, outer-form?, Gram matrices)
+
+
+def _gram_mats(w: torch.Tensor, wk: torch.Tensor, outer: bool) -> torch.Tensor:
+    """The stacked W_kᵀW_k of a conv weight ``w``, cached per weight tensor: (cin², K) for the outer form,
+    (cin, K·cin) otherwise. (Computing them each call cost K·cin²·cout multiply-adds: 0.45 G for the last
+    ConvNeXt-T downsampling, ≈ 5 % of an SRD call.)"""
+    hit = _GRAMS.get(w)
+    if hit is not None and hit[0] == w._version and hit[1] == outer and not w.requires_grad:
+        return hit[2]
+    g = torch.matmul(wk, wk.transpose(1, 2))  # (K, cin, cin) = W_kᵀ W_k
+    K, cin = g.shape[:2]
+    mat = (g.reshape(K, cin * cin).t() if outer else g.permute(1, 0, 2).reshape(cin, K * cin)).contiguous()
+    if not w.requires_grad:
+        _GRAMS[w] = (w._version, outer, mat)
+    return mat
+
+
 class DenseConvPaths:
     """Per-path dot ⟨W_k u(s), z(q)⟩ and norm ‖W_k u(s)‖ of a dense (groups = 1) convolution, any stride,
     padding and dilation, computed channels-last in bands of target rows: per band, one GEMM over the band's
@@ -169,13 +188,11 @@ class DenseConvPaths:
         if self.outer:
             wmat = w.permute(1, 2, 3, 0).reshape(self.cin * self.K, self.cout)  # row c·K + k = W_k[:, c]
             self.wz_planar = torch.matmul(wmat, z.flatten(2))  # (N, cin·K, h·w), F.unfold's order
-            g = torch.matmul(wk, wk.transpose(1, 2))  # (K, cin, cin)
-            self.mat = g.reshape(self.K, self.cin * self.cin).t().contiguous()  # (cin², K)
+            self.mat = _gram_mats(w, wk, True)  # (cin², K)
         elif self.gram:
             wt = wk.permute(2, 0, 1).reshape(self.cout, self.K * self.cin)
             self.wz = (self.z_cl.view(-1, self.cout) @ wt).view(*self.z_cl.shape[:3], self.K, self.cin)
-            g = torch.matmul(wk, wk.transpose(1, 2))  # (K, cin, cin) = W_kᵀ W_k
-            self.mat = g.permute(1, 0, 2).reshape(self.cin, self.K * self.cin)
+            self.mat = _gram_mats(w, wk, False)  # (cin, K·cin)
             self.width = self.cin
         else:
             self.mat = _offset_stack(conv)  # (cin, K·cout)
@@ -234,6 +251,36 @@ class DenseConvPaths:
         return dot, _safe_sqrt(norm.clamp_min(0)).flatten(2)
 
 
+def depthwise_paths(conv, v: torch.Tensor, z: torch.Tensor, need_norm: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Dots ⟨w_k ⊙ v_{p(q,k)}, z_q⟩ and norms ‖w_k ⊙ v_{p(q,k)}‖ (N, K, h, w) of a depthwise conv's kernel
+    offsets (groups = channels, one filter each; any stride, padding, dilation). Path k's contribution vector
+    is the element-wise product w_k ⊙ v_p, so no per-path GEMM is needed: the dot is, per offset, one product
+    of the strided source view with z and one matrix-vector product with w_k (K·C multiply-adds per target);
+    norm² = Σ_c w_k[c]² v_p[c]² is one convolution of v² with one-hot kernels w_k² (K output channels).
+    Measured ≈ 3-5× faster than the unfolded form (im2col + a batched GEMM of 1×1 matrices per channel)."""
+    N, C = v.shape[:2]
+    (kh, kw), (sh, sw), (ph, pw), (dh, dw) = conv.kernel, conv.stride, conv.padding, conv.dilation
+    h, w = z.shape[-2:]
+    K = kh * kw
+    vp = F.pad(v, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (N, Hp, Wp, C) view
+    vp = vp.contiguous()
+    zc = z.permute(0, 2, 3, 1).contiguous()  # (N, h, w, C)
+    wk = conv.weight.reshape(C, K).T.contiguous()  # (K, C)
+    dot = z.new_empty(K, N * h * w)
+    for k in range(K):
+        a, b = divmod(k, kw)
+        src = vp[:, a * dh:a * dh + sh * (h - 1) + 1:sh, b * dw:b * dw + sw * (w - 1) + 1:sw]
+        torch.mv((src * zc).view(-1, C), wk[k], out=dot[k])
+    dot = dot.view(K, N, h, w).transpose(0, 1)
+    if not need_norm:
+        return dot, None
+    onehot = torch.eye(K, dtype=v.dtype, device=v.device).view(K, 1, kh, kw)
+    w2 = onehot * (wk * wk).unsqueeze(-1).unsqueeze(-1)  # (K, C, kh, kw): w_k² at offset k only
+    sq = F.conv2d(v * v, w2, None, conv.stride, conv.padding, conv.dilation)
+    return dot, _safe_sqrt(sq.clamp_min(0))
+
+
 def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tensor,
               pooled: torch.Tensor | None, idx: torch.Tensor | None, max_bytes: int = 1 << 28,
               bias_map: torch.Tensor | None = None) -> torch.Tensor:
@@ -253,10 +300,16 @@ def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tenso
     if branch.pool is None and (conv is None or (conv.kernel == (1, 1) and conv.padding == (0, 0))):
         # one path per target: the whole branch output (bias included) comes from one source
         return ((out * z).sum(1) * inv).unsqueeze(1)
+    need_norm = branch.bias is not None or bias_map is not None
+    if (branch.pool is None and conv is not None and conv.groups == v.shape[1] == z.shape[1]
+            and conv.weight.shape[1] == 1 and not records_graph(v, z)):  # depthwise: no unfold, no tiny GEMMs
+        dot, norm = depthwise_paths(conv, v, z, need_norm)
+        valid = _unfold(torch.ones_like(v[:1, :1]), *_geometry(branch))[:, 0]
+        bias = bias_map if bias_map is not None else branch.bias.view(1, -1, 1, 1) if need_norm else None
+        return _mu_from(dot, norm, z, inv, bias, [valid])
     zf = z.flatten(2).unsqueeze(1)  # (N, 1, C_out, L)
     per_offset = z.shape[0] * z.shape[1] * h * w * z.element_size()
     chunk = max(1, max_bytes // max(per_offset, 1))
-    need_norm = branch.bias is not None or bias_map is not None
     # dense convs: channels-last bands (strided convs with C_in ≥ C_out are cheaper unfolded: y would be
     # computed at s² times as many source positions as there are targets). Under autograd the unfolded form
     # is used: the bands' many strided views each cost a zero-filled full-size tensor in the backward pass.
