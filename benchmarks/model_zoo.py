@@ -110,10 +110,23 @@ def target_for(adapter, x: torch.Tensor) -> tuple[object, float]:
     return direction, float(out[0] @ direction)
 
 
+def reinit_zero_linears(model: torch.nn.Module) -> None:
+    """Random weights for all-zero Linear layers (torchvision's ViT zero-initialises its head, which makes every
+    logit and every map exactly 0 and the relative conservation error 0/0)."""
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.Linear) and not m.weight.any():
+                m.weight.copy_(torch.randn(m.weight.shape, generator=g) * m.in_features ** -0.5)
+                if m.bias is not None:
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+
+
 def zoo_row(row: dict, repeat: int) -> None:
     """Fill ``row`` (which holds "model") step by step; a failing step leaves the earlier results in it."""
     name = row["model"]
     adapter = load_model(name)
+    reinit_zero_linears(adapter.model)
     for p in adapter.model.parameters():
         p.requires_grad_(False)
     cls = model_class(adapter.model)

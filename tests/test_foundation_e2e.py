@@ -65,7 +65,7 @@ def test_foundation_configs_meet_the_minimums(name):
     assert len(m.layers) == 2 and m.weights is None and m.icat and m.cafe
     sae = dataclasses.replace(cfg.sae, **m.sae)
     assert sae.d_sae is None and sae.expansion >= 2
-    assert cfg.cafe.k == 8 and cfg.cafe.n_anchor >= 4
+    assert cfg.cafe.k == 8 and cfg.cafe.n_anchor == 8  # every exemplar gets its iERF
     assert m.target == ("mean_direction" if "dinov2" in name else "class")
 
 
