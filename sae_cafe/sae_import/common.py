@@ -8,10 +8,10 @@ importers read local files only and never unpickle anything.
 from __future__ import annotations
 
 import io
-import pickle
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
+from pickle import UnpicklingError  # the exception torch.load(weights_only=True) raises; nothing here unpickles
 from typing import Any
 
 import torch
@@ -82,7 +82,7 @@ def safe_torch_load(data: bytes | Path, where: str) -> Any:
     buf = io.BytesIO(data) if isinstance(data, bytes) else data
     try:
         return torch.load(buf, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as e:
+    except UnpicklingError as e:
         found = re.search(r"GLOBAL ([\w.]+)", str(e))  # torch's own text suggests unpickling: not relayed
         what = f" (a {found.group(1)})" if found else ""
         raise ImportFormatError(
