@@ -10,7 +10,8 @@ Any registered name works too (``--models timm/resnet50,densenet121``: no seed c
 ``--threads 2,1`` times each thread count in turn. ``--batches 1,4`` overrides the batch sizes;
 ``--post-forms triangular,sliced`` times ConvNeXt's depthwise-path rule (:mod:`sae_cafe.srd.rules_post`) in
 each form on the same batch, in the same process (``sliced`` is the form used before the triangular one);
-``--no-seeds`` skips the seed comparison. Besides wall-clock seconds, the ratio of process CPU seconds is
+``--no-seeds`` skips the seed comparison; ``--out STEM`` also writes the rows to ``STEM.json`` and ``STEM.md``
+(with the load average at each row and the machine). Besides wall-clock seconds, the ratio of process CPU seconds is
 printed (``cpu ratio``): on a machine shared with other jobs it moves less than the wall-clock ratio.
 """
 
@@ -124,7 +125,9 @@ def main() -> None:
                     help="ConvNeXt: comma-separated forms of the depthwise-path rule to compare (triangular, sliced)")
     ap.add_argument("--no-seeds", action="store_true", help="skip the 64 seeds vs 64 calls comparison")
     ap.add_argument("--threads", default="", help="comma-separated intra-op thread counts (default: torch's)")
+    ap.add_argument("--out", default="", help="results stem: writes STEM.json and STEM.md")
     args = ap.parse_args()
+    rows: list[dict] = []
     if args.device == "cuda":
         torch.backends.cudnn.allow_tf32 = False
         torch.backends.cuda.matmul.allow_tf32 = False
@@ -148,6 +151,28 @@ def main() -> None:
                           f"{r['ref_s_per_img']:14.3f} {r['ratio']:6.2f} {r['cpu_ratio']:9.2f} "
                           f"{r['maps_per_s']:8.1f} {r['many_s']:11.3f} {r['separate_s']:11.3f} "
                           f"{r['seed_ratio']:10.3f}  load {os.getloadavg()[0]:.2f}", flush=True)
+                    rows.append(r | {"threads": t, "load": round(os.getloadavg()[0], 2)})
+                    if args.out:
+                        write_results(args.out, rows, args.device)
+
+
+def write_results(stem: str, rows: list[dict], device: str) -> None:
+    """``STEM.json`` (every row) and ``STEM.md`` (the table the README shows), written after each row."""
+    import platform
+    from pathlib import Path
+
+    from sae_cafe.artifacts import atomic_write_bytes, atomic_write_json
+
+    machine = f"{platform.machine()}, {os.cpu_count()} cores, {device}"
+    atomic_write_json(Path(f"{stem}.json"), {"machine": machine, "torch": torch.__version__, "rows": rows})
+    lines = ["| model | batch | threads | SRD s/img | fwd + input-grad s/img | ratio (wall) | ratio (CPU s) | load |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {r['model']} | {r['batch']} | {r['threads']} | {r['srd_s_per_img']:.3f} | {r['ref_s_per_img']:.3f} | "
+              f"{r['ratio']:.2f}× | {r['cpu_ratio']:.2f}× | {r['load']:.1f} |" for r in rows]
+    lines += ["", f"Random weights, 224 × 224, best of the interleaved repeats, one process ({machine}, torch "
+              f"{torch.__version__}); `benchmarks/bench_srd.py`. Ratio = SRD saliency time / one forward + "
+              "backward to the input of the same batch."]
+    atomic_write_bytes(Path(f"{stem}.md"), ("\n".join(lines) + "\n").encode())
 
 
 if __name__ == "__main__":
