@@ -257,7 +257,10 @@ def test_cli_benchmark_on_world(tmp_path):
                "--root", str(tmp_path), "--attack-pairs", "1", "--attack-iters", "2", "--no-progress"])
     assert rc == 0
     stage = tmp_path / "t" / "saliency" / "mini_resnet"
-    assert read_manifest(stage, "saliency")["n_images"] == 2
+    manifest = read_manifest(stage, "saliency")
+    assert manifest["n_images"] == 2
+    timing = manifest["config"]["timing"]  # wall/CPU seconds of this invocation, recorded for the README
+    assert timing["table_wall_s"] > 0 and timing["table_cpu_s"] > 0 and timing["attack_wall_s"] > 0
     assert "deeplift" in (stage / "table.csv").read_text()
     assert "n/a (not differentiable)" in (stage / "attack.csv").read_text()
     assert (stage / "attack.png").exists() and not (tmp_path / "t" / "saliency" / ".mini_resnet.tmp").exists()

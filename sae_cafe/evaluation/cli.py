@@ -108,9 +108,17 @@ def _benchmark(args) -> int:
                 (tmp / f"{part}.partial").rename(tmp / part)
     tmp.mkdir(parents=True, exist_ok=True)
     sets = ("source", "paper") if args.definitions == "both" else (args.definitions,)
+    import os
+    import time
+
+    t0, c0, load0 = time.perf_counter(), time.process_time(), os.getloadavg()[0]
     res, *others = run_saliency_definitions(adapter, x, masks, targets, args.methods, cfg, sets,
                                             state_dir=tmp / "per_image", image_ids=ids,
                                             progress=not args.no_progress).values()
+    timing = {"table_wall_s": round(time.perf_counter() - t0, 1), "table_cpu_s": round(time.process_time() - c0, 1),
+              "threads": torch.get_num_threads(), "load_before": round(load0, 2),
+              "load_after_table": round(os.getloadavg()[0], 2),
+              "note": "this invocation only: per-image results resumed from an earlier run are not re-timed"}
     if args.attack_pairs:
         from ..artifacts import atomic_write_json
         from .attack import AttackConfig, plot_attack, run_attack_benchmark
@@ -127,10 +135,13 @@ def _benchmark(args) -> int:
             print(r["method"], r["status"] if r["status"] != "ok" else
                   f"SSIM→target {r['ssim_to_target_mean']:.3f}  PCC→target {r['pearson_to_target_mean']:.3f}  "
                   f"SSIM→orig {r['ssim_to_orig_mean']:.3f}  same class {r['same_class_mean']:.2f}")
+        timing |= {"attack_wall_s": round(time.perf_counter() - t0 - timing["table_wall_s"], 1),
+                   "load_after_attack": round(os.getloadavg()[0], 2)}
     write_saliency_benchmark(res, tmp, {"model": args.model, "weights": args.weights,
                                         "weights_hash": adapter.weights_hash, "data": args.data,
                                         "n": len(ids), "target": args.target,
-                                        "attack_pairs": args.attack_pairs, "attack_iters": args.attack_iters},
+                                        "attack_pairs": args.attack_pairs, "attack_iters": args.attack_iters,
+                                        "timing": timing},
                              upstream, others=others)
     publish_stage(tmp, final)
     for r in (res, *others):
