@@ -9,6 +9,11 @@ provider (:mod:`.stream_data`: per-layer shuffling buffers fed by our adapter's 
 image-source position, so a resumed run reaches bitwise-equal weights) and the export (each SAE in our
 ``saes/<model>/<layer>/`` layout with a manifest, loadable with ``sae_lens.SAE.load_from_disk``).
 
+Each SAE trains on the token kinds of its ``SAETrainConfig.tokens`` (patch tokens by default, as the shard
+path) and the high-norm outlier rows are reported or left out (``outliers``) by the shard path's rule; both are
+recorded where the shard path records them (manifest ``tokens`` / ``outliers`` / ``outlier_report`` /
+``training_rows`` / ``notes``; cfg metadata ``sae_cafe.tokens``, read by :func:`sae_cafe.saes.sae_tokens`).
+
 Shard training (:func:`sae_training.train.train_sae`) stays the default: it keeps the PFVs for reuse and a
 held-out split; streaming trades that for no disk cache and one forward pass for all SAEs.
 """
@@ -20,6 +25,7 @@ import json
 import os
 import shutil
 import time
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +34,7 @@ from typing import Any
 import torch
 from safetensors.torch import load_file, save_file
 
+from sae_cafe.activations.shards import check_tokens
 from sae_cafe.artifacts import (
     MANIFEST,
     atomic_write_json,
@@ -46,7 +53,7 @@ from sae_cafe.model_record import record_for
 from sae_cafe.models import get_adapter
 
 from .checkpoint import check_seams, load_checkpoint, save_checkpoint
-from .stream_data import StreamProvider
+from .stream_data import STATE_FORMAT, StreamProvider
 from .train import SAETrainConfig, default_lr, make_training_sae
 
 STATE = "stream_state.json"
@@ -78,6 +85,10 @@ class StreamConfig:
     (sae-lens's ``activations_mixing_fraction``). ``image_batch_size``: images per forward pass.
     ``rows_per_image``: PFVs kept per image and layer (default: the smallest grid among the layers).
     ``n_checkpoints``: resumable checkpoints during training (sae-lens's schedule) plus one at the end.
+    ``outlier_k``: the high-norm outlier rule's k (the extraction's ``outlier_k``: a token is an outlier when
+    its norm exceeds its image's median + k·MAD of patch-token norms).
+    The token kinds (``tokens``) and the outlier handling (``outliers``) are per SAE (:class:`SAETrainConfig`);
+    SAEs of one layer share the layer's stream, so they must agree on both.
     """
 
     steps: int = 2000
@@ -93,6 +104,7 @@ class StreamConfig:
     n_checkpoints: int = 4
     seed: int = 0
     device: str = "cpu"
+    outlier_k: float = 10.0
 
 
 def _check_specs(specs: Sequence[StreamSAE], cfg: StreamConfig) -> list[StreamSAE]:
@@ -106,9 +118,31 @@ def _check_specs(specs: Sequence[StreamSAE], cfg: StreamConfig) -> list[StreamSA
                                    f"share {f} (StreamConfig.{f}={getattr(cfg, f)!r}); set it in StreamConfig")
         if s.config.seconds is not None:
             raise SaeCafeError("streamed training has a step budget only (StreamConfig.steps); drop seconds")
+        check_tokens(s.config.tokens, f"SAE {s.layer!r} ({s.config.architecture}) tokens")
+        if s.config.outliers not in ("report", "exclude"):
+            raise SaeCafeError(f"SAE {s.layer!r} ({s.config.architecture}) sets outliers={s.config.outliers!r}; "
+                               "use 'report' or 'exclude'")
         out.append(dataclasses.replace(s, config=dataclasses.replace(
             s.config, **{f: getattr(cfg, f) for f in SHARED}, seconds=None)))
     return out
+
+
+def layer_settings(specs: Sequence[StreamSAE], names: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """``({layer: tokens}, [layers whose outliers are excluded])`` of the SAEs; the SAEs of one layer share its
+    stream, so two that disagree on ``tokens`` or ``outliers`` are an error naming both."""
+    tokens: dict[str, str] = {}
+    outliers: dict[str, str] = {}
+    first: dict[str, str] = {}
+    for n, s in zip(names, specs, strict=True):
+        for what, seen in (("tokens", tokens), ("outliers", outliers)):
+            v = getattr(s.config, what)
+            if s.layer in seen and seen[s.layer] != v:
+                raise SaeCafeError(f"SAEs {first[s.layer]!r} ({what}={seen[s.layer]!r}) and {n!r} ({what}={v!r}) "
+                                   f"share layer {s.layer!r} and its stream of rows, so they must agree on "
+                                   f"{what}; train SAEs of other {what} in a separate streamed run")
+            seen.setdefault(s.layer, v)
+        first.setdefault(s.layer, n)
+    return tokens, [la for la, v in outliers.items() if v == "exclude"]
 
 
 def _name(layer: str, variant: str | None) -> str:
@@ -242,13 +276,17 @@ def train_saes_streaming(model: Any, images: Any, saes: Sequence[StreamSAE | str
     if len(set(finals.values())) != len(finals):
         raise SaeCafeError("two SAEs would be written to the same directory; give them distinct out_dirs")
     buffer_rows = cfg.buffer_rows or max(8 * cfg.batch_size, 65536)
+    tokens, exclude = layer_settings(specs, names)
     provider = StreamProvider(adapter, layers, images, cfg.batch_size, buffer_rows, cfg.mix_fraction,
-                              cfg.image_batch_size, cfg.rows_per_image, cfg.seed, cfg.device)
+                              cfg.image_batch_size, cfg.rows_per_image, cfg.seed, cfg.device, tokens=tokens,
+                              exclude_outliers=exclude, outlier_k=cfg.outlier_k)
+    _warn_rows_per_image(provider)
     src = provider.source
     dataset_info = {"name": dataset or src.description, "source": src.description, "fingerprint": src.fingerprint()}
     key = hash_json({"stream": cfg, "saes": [[n, s] for n, s in zip(names, specs, strict=True)], "model": adapter.name,
                      "weights_hash": adapter.weights_hash, "dataset": dataset_info,
-                     "rows_per_image": provider.rows_per_image, "buffer_rows": buffer_rows})
+                     "rows_per_image": provider.rows_per_image, "buffer_rows": buffer_rows,
+                     "stream_format": STATE_FORMAT})
     if not overwrite:
         taken = [str(p) for p in finals.values() if is_finished(p) and read_manifest(p, check_lineage=False)
                  .get("run_key") != key]
@@ -257,17 +295,20 @@ def train_saes_streaming(model: Any, images: Any, saes: Sequence[StreamSAE | str
     work = Path(work_dir) if work_dir is not None else (
         next(iter(finals.values())).parent / ".stream.tmp")
     infos = adapter.layers()
-    metadata = {n: _metadata(adapter, s, infos[s.layer], dataset_info, provider.rows_per_image)
+    metadata = {n: _metadata(adapter, s, infos[s.layer], dataset_info, provider)
                 for n, s in zip(names, specs, strict=True)}
     done = {n for n in names if resume and ((is_finished(finals[n]) and read_manifest(
         finals[n], check_lineage=False).get("run_key") == key) or finished_temp_stage(finals[n], "run_key", key))}
     summary: dict[str, Any] = {}
     if len(done) < len(names):
         multi, summary = _fit(work, key, specs, names, provider, metadata, cfg, resume, progress)
+        for layer in layers:
+            for note in provider.outlier_record(layer)["notes"]:
+                warnings.warn(note, stacklevel=2)
         for n, s in zip(names, specs, strict=True):
             if n not in done:
                 _export(multi.saes[n], multi.trainers[n], s, finals[n], key, adapter, metadata[n], dataset_info,
-                        summary, cfg)
+                        summary, cfg, provider.outlier_record(s.layer))
     for n in names:
         if finished_temp_stage(finals[n], "run_key", key):
             publish_stage(temp_stage_path(finals[n]), finals[n])
@@ -283,13 +324,32 @@ def train_saes_streaming(model: Any, images: Any, saes: Sequence[StreamSAE | str
     return out
 
 
-def _metadata(adapter: Any, spec: StreamSAE, info: Any, dataset_info: dict, rows_per_image: int) -> dict[str, Any]:
+#: what a streamed layer's rows are, per ``tokens`` setting (cfg metadata ``sae_cafe.pfv_layout``)
+ROWS = {"patch": "positions of the layer grid (streamed, not stored)",
+        "all": "prefix (class/register/distillation) tokens and positions of the layer grid (streamed, not stored)",
+        "cls": "the class token of each image (streamed, not stored)"}
+
+
+def _warn_rows_per_image(provider: StreamProvider) -> None:
+    """Say when a class-token layer sets the rows per image of every other layer (1 class token per image)."""
+    cls = [n for n in provider.layers if provider.tokens[n] == "cls"]
+    more = [n for n in provider.layers if provider.n_rows[n] > provider.rows_per_image]
+    if cls and more:
+        warnings.warn(f"rows_per_image={provider.rows_per_image}: layers {cls} train on class tokens, so layers "
+                      f"{more} keep only {provider.rows_per_image} of their rows per image (all buffers fill at the "
+                      "same rate); train class-token SAEs in their own streamed run", stacklevel=3)
+
+
+def _metadata(adapter: Any, spec: StreamSAE, info: Any, dataset_info: dict, provider: StreamProvider
+              ) -> dict[str, Any]:
     return {"model_name": adapter.name, "hook_name": spec.layer, "weights_hash": adapter.weights_hash,
             "dataset_path": dataset_info["source"], "dataset": dataset_info["name"],
             "dataset_hash": dataset_info["fingerprint"], "context_size": None,
-            "sae_cafe": {"pfv_layout": {"rows": "positions of the layer grid (streamed, not stored)"},
+            "sae_cafe": {"pfv_layout": {"rows": ROWS[spec.config.tokens]},
                          "grid": list(info.grid), "layer_kind": info.kind, "family": adapter.family,
-                         "streamed": True, "rows_per_image": rows_per_image}}
+                         "streamed": True, "rows_per_image": provider.rows_per_image,
+                         "tokens": spec.config.tokens, "outliers": spec.config.outliers,
+                         "outlier_k": provider.outlier_k}}
 
 
 def _fit(work: Path, key: str, specs: list[StreamSAE], names: list[str], provider: StreamProvider,
@@ -304,6 +364,10 @@ def _fit(work: Path, key: str, specs: list[StreamSAE], names: list[str], provide
         if resume and same:
             clean_partial_files(work)
         else:
+            if resume and _latest(work) is not None:
+                warnings.warn(f"{work}: the checkpoints there are of other settings (or of an older sae-cafe, "
+                              f"stream format < {STATE_FORMAT}); they are discarded and training starts at step 0",
+                              stacklevel=3)
             shutil.rmtree(work)
     work.mkdir(parents=True, exist_ok=True)
     atomic_write_json(work / "key.json", key)
@@ -329,8 +393,10 @@ def _fit(work: Path, key: str, specs: list[StreamSAE], names: list[str], provide
 
 
 def _export(sae: Any, trainer: Any, spec: StreamSAE, final: Path, key: str, adapter: Any, metadata: dict,
-            dataset_info: dict, summary: dict, cfg: StreamConfig) -> None:
-    """sae-lens inference export + ``training.json`` + manifest into the temporary stage, then publish."""
+            dataset_info: dict, summary: dict, cfg: StreamConfig, rows: dict[str, Any]) -> None:
+    """sae-lens inference export + ``training.json`` + manifest into the temporary stage, then publish.
+    ``rows``: the layer's :meth:`StreamProvider.outlier_record` (tokens, outlier report, row counts, notes),
+    recorded under the shard path's manifest keys."""
     tmp = temp_stage_path(final)
     if tmp.exists():
         shutil.rmtree(tmp)
@@ -344,7 +410,9 @@ def _export(sae: Any, trainer: Any, spec: StreamSAE, final: Path, key: str, adap
     write_manifest(tmp, "saes", {"sae": spec.config, "stream": cfg}, upstream=None, model=adapter.name,
                    layer=spec.layer, d_in=sae.cfg.d_in, d_sae=sae.cfg.d_sae, architecture=spec.config.architecture,
                    weights_hash=adapter.weights_hash, model_record=record_for(adapter).to_json(),
-                   dataset=dataset_info, variant=spec.variant, streamed=True,
+                   dataset=dataset_info, variant=spec.variant, streamed=True, tokens=rows["tokens"],
+                   outliers=rows["outliers"], training_rows=rows["training_rows"],
+                   outlier_report=rows["outlier_report"], notes=rows["notes"],
                    sae_lens_files=["cfg.json", "sae_weights.safetensors"],
                    training={k: v for k, v in training.items()}, run_key=key)
     if not (tmp / MANIFEST).exists():  # pragma: no cover - write_manifest raises on failure
@@ -352,4 +420,4 @@ def _export(sae: Any, trainer: Any, spec: StreamSAE, final: Path, key: str, adap
     publish_stage(tmp, final)
 
 
-__all__ = ["SHARED", "StreamConfig", "StreamSAE", "build_multi_trainer", "train_saes_streaming"]
+__all__ = ["SHARED", "StreamConfig", "StreamSAE", "build_multi_trainer", "layer_settings", "train_saes_streaming"]

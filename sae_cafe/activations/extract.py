@@ -309,8 +309,8 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
                 w = writers[n]
                 if n_img + b <= w.images_done:
                     continue  # this layer already has these images (resume)
-                rows, img_idx, pos, kind, flag = _rows(adapter, acts[n], n_img, cfg, weights[n] if weights else None,
-                                                       tallies[n], w.images_done)
+                rows, img_idx, pos, kind, flag = layer_rows(adapter, acts[n], n_img, cfg,
+                                                            weights[n] if weights else None, tallies[n], w.images_done)
                 keep = img_idx >= w.images_done
                 if not keep.all():
                     rows, img_idx, pos, kind, flag = rows[keep], img_idx[keep], pos[keep], kind[keep], flag[keep]
@@ -382,7 +382,7 @@ def _upstream(source: ImageSource) -> dict[str, Path] | None:
     return None
 
 
-def _rows(adapter: ModelAdapter, act: torch.Tensor, first_image: int, cfg: ExtractConfig,
+def layer_rows(adapter: ModelAdapter, act: torch.Tensor, first_image: int, cfg: ExtractConfig,
           weights_BN: torch.Tensor | None, tally: OutlierTally | None = None, images_done: int = 0,
           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Layer output → ``(rows (n, D), image (n,), pos (n, 2), kind (n,) uint8, outlier (n,) uint8)`` for the
