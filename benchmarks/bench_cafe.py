@@ -117,7 +117,8 @@ def bench_one(arch: str, layer: str, args, out: Path) -> dict:
             c = concept_card(cafe, s, images=x_eval, model=adapter, png=out / "cards" / f"{arch}_latent_{s}.png",
                              n=4)
             cards.append(c["png"])
-    return {"model": arch, "layer": layer, "trained_weights": trained, "d_in": D, "d_sae": int(sae.cfg.d_sae),
+    return {"model": arch, "layer": layer, "trained_weights": trained,
+            "weights_sha256": adapter.weights_hash, "d_in": D, "d_sae": int(sae.cfg.d_sae),
             "sae_k": args.k_sae, "sae_steps": args.sae_steps, "sae_train_s": t_sae, "sae_explained_variance": float(ev),
             "n_eval_images": args.n_eval, "build_s": t_build, "mine_s": tm["mine_s"], "anchor_s": tm["anchor_s"],
             "n_ierf": tm["n_ierf"], "ierf_per_s": tm["ierf_per_s"],
@@ -145,6 +146,8 @@ def main() -> None:
     ap.add_argument("--out", default="indexes/bench_cafe")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument("--results", default="benchmarks/results/cafe", help="results stem (STEM.json, STEM.md)")
+    ap.add_argument("--keep-others", action="store_true",
+                    help="keep the results of models not in --models from the existing STEM.json (same order)")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -174,6 +177,12 @@ def main() -> None:
     print(f"\nresults: {out / 'results.json'}")
     if args.results:
         keep = [{k: v for k, v in r.items() if k not in ("cards", "stage")} for r in results]
+        old_file = Path(args.results + ".json")
+        if args.keep_others and old_file.is_file():
+            new_by_model = {r["model"]: r for r in keep}
+            old = json.loads(old_file.read_text())
+            keep = [new_by_model.pop(r["model"], r) for r in old] + list(new_by_model.values())
+            results = keep
         Path(args.results + ".json").write_text(json.dumps(keep, indent=1) + "\n")
         Path(args.results + ".md").write_text(markdown(results, args))
         print(markdown(results, args))

@@ -150,7 +150,7 @@ def bench_quality(models: list[str], n_train: int = 2000, n_eval: int = 1600, se
             "dead_fraction": ev["dead_fraction"], "dense_latents": ev["dense_latents"],
             "accuracy": ev["accuracy"], "spliced_accuracy": ev["spliced_accuracy"],
             "accuracy_drop_points": 100 * ev["accuracy_drop"], "logit_kl": ev["logit_kl"],
-            "eval_pfvs": ev["n_pfvs"], "sae_dir": res["sae_dir"],
+            "eval_pfvs": ev["n_pfvs"], "sae_dir": res["sae_dir"], "weights_sha256": adapter.weights_hash,
         }
         print(json.dumps({name: results[name]}, indent=1), flush=True)
     return results
@@ -165,6 +165,8 @@ def main() -> None:
     p.add_argument("--arch", default="topk")
     p.add_argument("--threads", type=int, default=1, help="torch intra-op threads (1 on a busy shared box)")
     p.add_argument("--out", default="benchmarks/results", help="folder for sae_<section>.json/.md")
+    p.add_argument("--keep-others", action="store_true",
+                   help="quality: keep the results of models not in --models from the existing sae_quality.json")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     if args.section == "throughput":
@@ -173,6 +175,10 @@ def main() -> None:
         res = bench_quality(args.models, seconds=args.seconds, steps=args.steps, arch=args.arch)
     print(json.dumps(res, indent=1))
     out = Path(args.out)
+    old_file = out / f"sae_{args.section}.json"
+    if args.section == "quality" and args.keep_others and old_file.is_file():
+        old = json.loads(old_file.read_text())
+        res = {name: res.get(name, old.get(name)) for name in [*old, *(m for m in res if m not in old)]}
     out.mkdir(parents=True, exist_ok=True)
     (out / f"sae_{args.section}.json").write_text(json.dumps(res, indent=1) + "\n")
     md = (markdown_quality if args.section == "quality" else markdown_throughput)(res)
