@@ -474,7 +474,8 @@ def main() -> int:
         layers = dict((w.split("=", 1)[0], w.split("=", 1)[1].split(",")) for w in args.layers).get(name, LAYERS[name])
         saes, sae_info = get_saes(adapter, name, layers, x_train, args, out)
         means = {layer: latent_means(adapter, saes[layer], x_train[:400], layer) for layer in layers}
-        r = {"layers": layers, "weights": str(wfile), "saes": sae_info, "cafe_k": args.cafe_k,
+        r = {"layers": layers, "weights": str(wfile), "weights_sha256": adapter.weights_hash, "saes": sae_info,
+             "cafe_k": args.cafe_k,
              "accuracy": float((pred == y_eval).float().mean()), "n_eval": len(x_eval)}
         lat_attr = lat_attr_act = None
         if "routes" not in args.skip or "cases" not in args.skip:
