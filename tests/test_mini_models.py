@@ -16,10 +16,10 @@ from sae_cafe.world.train import EVAL_SEED_BASE, architecture, evaluate, world_t
 
 torch.set_num_threads(2)
 
-# The bar is 93 % on 500 fresh images. The mini ViT trained from scratch on the CPU (16000 steps x 32
-# fresh scenes, distilled from the mini ResNet: 94.2 % on the 2000 evaluation scenes) gets a floor a few points
-# under its measured accuracy (see sae_cafe/weights/mini_vit.json).
-MIN_ACCURACY = {"mini_resnet": 0.93, "mini_vgg": 0.93, "mini_vit": 0.91}
+# The bar is 93 % on 500 fresh images, for every mini model. The mini ViT (trained from scratch on the
+# CPU: 24000 steps x 32 fresh scenes, distilled from the mini ResNet) measured 96.2 % on the 2000 evaluation
+# scenes (see sae_cafe/weights/mini_vit.json); 93 % is about three standard errors under it on 500 scenes.
+MIN_ACCURACY = {"mini_resnet": 0.93, "mini_vgg": 0.93, "mini_vit": 0.93}
 
 
 @pytest.fixture(scope="module")
