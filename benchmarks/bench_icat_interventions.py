@@ -11,21 +11,28 @@ sae-lens TopK SAEs on one layer pair (``--source`` → ``--target``):
    (error term kept, so only the latent's decoder contribution is removed);
 4. the Spearman correlation between IG weight and measured drop over all edges (and the Pearson one).
 
-Prints the numbers and writes ``benchmarks/results/icat_interventions.json``.
-Run: ``nice -n 10 .venv/bin/python benchmarks/bench_icat_interventions.py``.
+Prints the numbers and writes ``benchmarks/results/icat_interventions.json`` and ``.md`` (``--out STEM``; the
+README's block), with the machine, threads, load before/after, date and command (``result_record.py``).
+``--render`` only rewrites ``STEM.md`` from an existing ``STEM.json`` (nothing is measured).
+
+    nice -n 10 .venv/bin/python benchmarks/bench_icat_interventions.py [--out icat_interventions]
+    .venv/bin/python benchmarks/bench_icat_interventions.py --render
 """
 
 from __future__ import annotations
 
 import argparse
-import json
+import sys
 import time
 import warnings
 from pathlib import Path
 
 import torch
 
-OUT = Path(__file__).resolve().parent / "results" / "icat_interventions.json"
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_record import Measure, provenance, provenance_line, render_md, stem_path, write_results  # noqa: E402
+
+OUT = "icat_interventions"  # results STEM: benchmarks/results/icat_interventions.{json,md}
 
 
 def random_topk_sae(d_in: int, d_sae: int, k: int, hook: str, model: str, seed: int):
@@ -92,6 +99,20 @@ def icat_vs_interventions(n_images: int = 60, edges_per_image: int = 4, source: 
             "seconds": round(time.perf_counter() - t0, 1), "edges": rows}
 
 
+def markdown(out: dict) -> str:
+    """The README block: the setting, the correlations and how the numbers were measured (when recorded)."""
+    src, dst = out["layer_pair"]
+    how = (provenance_line(out, f"{out['threads']} torch thread(s)") if "command" in out else
+           "Machine, threads, load and command not recorded (file written before they were).")
+    return (f"ICAT (IG, {out['ig_steps']} steps, zero baseline) against ablation: {out['model']}, {src} → {dst}, "
+            f"{out['sae']} SAEs, {out['n_images']} concept-world images, the top {out['edges_per_image']} edges "
+            f"per image by |IG weight|; {out['seconds']} s. {how}\n\n"
+            "| edges | Spearman (IG weight vs measured drop) | p | Pearson | sign agreement | IG completeness error |\n"
+            "|---:|---:|---:|---:|---:|---:|\n"
+            f"| {out['n_edges']} | **{out['spearman']:.3f}** | {out['spearman_p']:.1g} | {out['pearson']:.3f} | "
+            f"{out['sign_agreement']:.2f} | {out['ig_completeness_error']:.3f} |\n")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--images", type=int, default=60)
@@ -100,17 +121,23 @@ def main() -> None:
     ap.add_argument("--target", default="layer4")
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--out", default=OUT, help="results STEM (bare name: under benchmarks/results/; a trailing "
+                    ".json is dropped)")
+    ap.add_argument("--render", action="store_true", help="only rewrite STEM.md from the existing STEM.json")
     a = ap.parse_args()
+    stem = stem_path(a.out)
+    if a.render:
+        print(render_md(stem, markdown))
+        return
     torch.set_num_threads(1)
-    out = icat_vs_interventions(a.images, a.edges, a.source, a.target, steps=a.steps, seed=a.seed)
+    with Measure() as m:
+        out = icat_vs_interventions(a.images, a.edges, a.source, a.target, steps=a.steps, seed=a.seed)
+    out = {**out, **provenance(1), **{k: v for k, v in m.record().items() if k != "wall_seconds"}}
     print(f"ICAT (IG) vs ablation on {out['n_images']} images, {out['n_edges']} edges, {a.source}→{a.target}: "
           f"Spearman {out['spearman']:.3f} (p={out['spearman_p']:.2g}), Pearson {out['pearson']:.3f}, sign agreement "
           f"{out['sign_agreement']:.2f}, IG completeness error {out['ig_completeness_error']:.3f}, "
           f"{out['seconds']} s")
-    a.out.parent.mkdir(parents=True, exist_ok=True)
-    a.out.write_text(json.dumps(out, indent=1) + "\n")
-    print(a.out)
+    write_results(stem, out, markdown)
 
 
 if __name__ == "__main__":

@@ -12,15 +12,30 @@ resumable per image). One run per model computes every method's maps once (and t
 copies) and derives both metric definition sets from them (``--definitions both``, docs/metrics.md):
 ``table_source.csv`` and ``table_paper.csv``; ``benchmarks/saliency_tables.py`` renders them. Mini models
 without shipped weights are reported and skipped.
+
+The cost part with ``--cost-out STEM`` also writes ``STEM.json`` and ``STEM.md`` (a bare name goes under
+``benchmarks/results/``): the README's 224-px cost table with the machine, threads, load before/after, date and
+command it was measured with (``result_record.py``). The README's table:
+
+    nice -n 10 .venv/bin/python benchmarks/bench_saliency.py --skip-table --cost-n 1 --threads 1 \
+        --cost-estimate scorecam ablationcam rise --cost-out saliency_cost
 """
 
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 import warnings
+from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from result_record import Measure, provenance, provenance_line, render_md, stem_path, write_results  # noqa: E402
+from saliency_tables import NAMES  # noqa: E402
+
+COST_NAMES = {**NAMES, "smoothgrad": "SmoothGrad (16)"}  # its 16 noise samples, as IG's 32 steps
 
 
 def table_runs(args) -> None:
@@ -80,7 +95,9 @@ def estimated_cost(method: str, adapter, x, fwd: float, grad: float) -> str:
     return f"≈{k * sec:.0f} (est.: {k} {unit})"
 
 
-def cost_runs(args) -> None:
+def cost_runs(args) -> dict:
+    """Seconds per image of each method at 224 px per model (measured, or estimated for ``--cost-estimate``);
+    prints the Markdown table and returns the record ``--cost-out`` writes."""
     from sae_cafe.evaluation.baselines import applicability
     from sae_cafe.evaluation.benchmark import BenchmarkConfig, resolve_methods, run_saliency_benchmark
     from sae_cafe.models import load_model
@@ -94,7 +111,7 @@ def cost_runs(args) -> None:
     import pytorch_grad_cam  # noqa: F401
     import zennit.composites  # noqa: F401
     g = torch.Generator().manual_seed(0)
-    rows, fwd = {}, {}
+    rows, fwd, notes = {}, {}, {}
     for name in args.cost_models:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -116,14 +133,48 @@ def cost_runs(args) -> None:
                              estimated_cost(m, adapter, x, fwd[name], float(res.seconds["saliency"].mean())))
         for m, r in {**res.not_applicable, **res.errors}.items():
             print(f"  {name} {m}: {r}")
+            notes.setdefault(name, {})[m] = str(r)
         print("  " + "  ".join(f"{m}={v}" for m, v in rows[name].items()), flush=True)
+    order = list(dict.fromkeys(measure + methods))
+    cost = {"n_images": args.cost_n, "threads": torch.get_num_threads(), "models": list(rows),
+            "forward_seconds": {n: round(fwd[n], 4) for n in rows}, "methods": order, "estimated": estimate,
+            "seconds_per_image": rows, "not_applicable_or_error": notes}
     print(f"\n### seconds per image at 224 px (random weights, n={args.cost_n}, "
           f"{torch.get_num_threads()} threads; est. = forwards × measured forward time)")
-    print(f"| method | {' | '.join(rows)} |")
-    print("|---|" + "---|" * len(rows))
-    print(f"| forward (no grad) | {' | '.join(f'{fwd[n]:.3f}' for n in rows)} |")
-    for m in dict.fromkeys(measure + methods):
-        print(f"| {m} | {' | '.join(rows[n][m] for n in rows)} |")
+    print(cost_table(cost))
+    return cost
+
+
+def cost_table(cost: dict) -> str:
+    """The Markdown table of :func:`cost_runs`'s record (method × model, seconds per image)."""
+    models = cost["models"]
+    lines = [f"| method | {' | '.join(models)} |", "|---|" + "---|" * len(models),
+             "| forward (no grad) | " + " | ".join(f"{cost['forward_seconds'][n]:.3f}" for n in models) + " |"]
+    for m in cost["methods"]:
+        lines.append(f"| {COST_NAMES.get(m, m)} | {' | '.join(cost['seconds_per_image'][n][m] for n in models)} |")
+    return "\n".join(lines)
+
+
+def cost_markdown(rec: dict) -> str:
+    """The README block of a ``--cost-out`` record: what was measured and how, then the table."""
+    cost = rec["cost"]
+    est = ", ".join(COST_NAMES.get(m, m) for m in cost["estimated"])
+    how = []
+    if {"rise", "scorecam", "ablationcam"} & set(cost["estimated"]):
+        how.append("forwards (RISE masks, CAM channels + 1) × the measured forward time")
+    if {"integrated_gradients", "smoothgrad"} & set(cost["estimated"]):
+        how.append("gradient passes × the measured time of one gradient")
+    est = f" Estimated, not measured ({est}): {', or '.join(how)}." if est else ""
+    n, t = cost["n_images"], cost["threads"]
+    return (f"Seconds per image at 224 px (torchvision, random weights; {n} image{'s' * (n != 1)}; forward: "
+            f"batch of 8, no grad).{est} {provenance_line(rec, f'{t} torch thread' + 's' * (t != 1))}\n\n"
+            f"{cost_table(cost)}\n")
+
+
+def write_cost(stem: str, cost: dict, measure: dict) -> None:
+    """``STEM.json`` / ``STEM.md``: the cost table with what it was measured under."""
+    rec = {**provenance(cost["threads"]), **measure, "cost": cost}
+    write_results(stem_path(stem), rec, cost_markdown)
 
 
 def main() -> None:
@@ -150,17 +201,29 @@ def main() -> None:
                    default=["scorecam", "ablationcam", "rise", "integrated_gradients", "smoothgrad"],
                    help="methods whose 224-px cost is estimated (forwards × forward time, or gradient passes × "
                         "one gradient's time) instead of measured: minutes to an hour per image on one CPU thread")
+    p.add_argument("--cost-out", default=None, metavar="STEM",
+                   help="also write the cost table to STEM.json/.md (bare name: under benchmarks/results/)")
+    p.add_argument("--cost-render", action="store_true",
+                   help="only rewrite the --cost-out STEM.md from its STEM.json (nothing is measured)")
     p.add_argument("--skip-table", action="store_true")
     p.add_argument("--skip-cost", action="store_true")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     args = p.parse_args()
+    if args.cost_render:
+        if not args.cost_out:
+            p.error("--cost-render needs --cost-out STEM")
+        print(render_md(stem_path(args.cost_out), cost_markdown))
+        return
     if args.threads:
         torch.set_num_threads(args.threads)
     if not args.skip_table:
         table_runs(args)
     if not args.skip_cost:
-        cost_runs(args)
+        with Measure() as m:
+            cost = cost_runs(args)
+        if args.cost_out:
+            write_cost(args.cost_out, cost, m.record())
 
 
 if __name__ == "__main__":

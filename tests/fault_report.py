@@ -12,7 +12,8 @@ import os
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-REPORT_DIR = ROOT / "indexes" / "fault_suite"
+# benchmarks/bench_fault_suite.py points this at a temporary folder (the report of a committed measurement)
+REPORT_DIR = Path(os.environ.get("SAE_CAFE_FAULT_REPORT_DIR") or ROOT / "indexes" / "fault_suite")
 CASES, INTERRUPT = "cases.json", "interrupt.json"
 STAGE_NAMES = {"acts": "activation extraction", "saes": "SAE training", "cafe": "CAFE build (top-k mining, "
                                                                             "iERF anchoring, FAISS)"}
