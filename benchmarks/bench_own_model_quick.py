@@ -8,10 +8,10 @@ browser in headless Chromium.
 2. Runs ``python -m sae_cafe demo --config configs/own_model_quick.toml`` there (the paths of the shipped
    config, relative to the working directory), timing the whole command and sampling ``/proc/loadavg``.
 3. Starts ``python -m sae_cafe view <run>`` (the real server), opens every page in headless Chromium (Debian
-   ``chromium`` + ``chromedriver`` through selenium, as ``tests/test_app_browser.py``) and checks: no error box,
-   no "No … in run" message, and on the latent browser every exemplar image is a decoded ``<img>`` whose
-   pixels are those of the user's file named in its caption (nearest of all 40 files, mean abs. difference
-   below a JPEG tolerance), not a grey placeholder. Saves a screenshot of the latent browser.
+   ``chromium`` + ``chromedriver`` through selenium; ``app.browser``, as ``tests/test_app_browser.py``) and
+   checks: no error box, no "No … in run" message, and on the latent browser every exemplar image is a decoded
+   ``<img>`` whose pixels are those of the user's file named in its caption (nearest of all 40 files, mean abs.
+   difference below a JPEG tolerance), not a grey placeholder. Saves a screenshot of the latent browser.
 4. Writes ``benchmarks/results/own_model_quick.{json,md,png}``: per-stage seconds (``demo_report.json``),
    total wall time, the load average during the run, the browser check. Exit 1 when the run or a check
    failed, or the wall time exceeds ``--target`` seconds.
@@ -31,7 +31,6 @@ import json
 import os
 import platform
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,7 +45,6 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIG = REPO / "configs" / "own_model_quick.toml"
 CLASSES = {"astronaut": "astronaut", "cat": "chelsea", "coffee": "coffee", "rocket": "rocket"}
 PER_CLASS, SIZE = 10, 224
-CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PAGES = [("", "sae-cafe viewer"), ("Image_explorer", "Image explorer"), ("Concept_graph", "Concept graph"),
          ("Metrics", "Metrics"), ("Latent_browser", "Latent browser")]
 MAX_MAE = 12.0  # mean |Δ| (0–255) of a shown exemplar vs its file: JPEG transport only (a grey placeholder: ≫ 30)
@@ -134,55 +132,6 @@ def class_push_share(run: Path, report: dict) -> list[dict]:
     return out
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_view(run: Path, log: Path) -> tuple[subprocess.Popen, str]:
-    port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "sae_cafe", "view", str(run), "--port", str(port), "--headless"],
-                            cwd=REPO, stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url, deadline = f"http://127.0.0.1:{port}", time.time() + 180
-    while True:
-        try:
-            if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                return proc, url
-        except OSError:
-            pass
-        if proc.poll() is not None or time.time() > deadline:
-            proc.kill()
-            raise RuntimeError(f"the viewer did not start (exit {proc.poll()}): {log.read_text()[-2000:]}")
-        time.sleep(0.5)
-
-
-def chromium(profile: Path):
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
-
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--no-first-run", "--window-size=1400,2200", f"--user-data-dir={profile}"):
-        opts.add_argument(a)
-    driver = webdriver.Chrome(service=Service(str(DRIVER)), options=opts)
-    driver.set_page_load_timeout(180)
-    return driver
-
-
-def settle(driver, timeout: float = 240) -> None:
-    """Wait until the page's script run finished (no running indicator for ~2 s)."""
-    from selenium.webdriver.common.by import By
-
-    deadline, quiet = time.time() + timeout, 0
-    while time.time() < deadline and quiet < 3:
-        quiet = 0 if driver.find_elements(By.CSS_SELECTOR, '[data-testid="stStatusWidget"]') else quiet + 1
-        time.sleep(0.7)
-
-
 # (src, decoded natural width, caption) of every image on the page
 IMAGES_JS = """return Array.from(document.querySelectorAll('[data-testid="stImageContainer"]')).map(e => {
   const i = e.querySelector('img'); const c = e.querySelector('[data-testid="stImageCaption"]');
@@ -224,27 +173,24 @@ def check_exemplars(driver, files: dict[str, np.ndarray]) -> dict:
 
 def browser_check(run: Path, files: dict[str, np.ndarray], shot: Path, scratch: Path) -> dict:
     """Every page loaded without an error or a "No … in run" message; the latent browser's exemplars."""
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.support import expected_conditions as EC
     from selenium.webdriver.support.ui import WebDriverWait
 
-    proc, url = start_view(run, scratch / "view.log")
-    driver = chromium(scratch / "chromium-profile")
+    from app.browser import body_text, browser, error_boxes, settle, viewer, wait_title
+
     pages, result = {}, {}
-    try:
+    with viewer(run, scratch / "view.log", cli=True, timeout=180, grace=30) as server, \
+            browser(scratch / "chromium-profile", window=(1400, 2200), page_load_timeout=180) as driver:
         for path, title in PAGES:
             t = time.perf_counter()
-            driver.get(f"{url}/{path}")
-            WebDriverWait(driver, 180).until(EC.text_to_be_present_in_element((By.CSS_SELECTOR, "h1"), title))
+            driver.get(f"{server.url}/{path}")
+            wait_title(driver, title, 180)
             if path == "Latent_browser":
                 WebDriverWait(driver, 240).until(lambda d: sum(1 for s in d.execute_script(IMAGES_JS)
                                                                if s[2].startswith("#")) >= 1)
-            settle(driver)
-            body = driver.find_element(By.TAG_NAME, "body").text
-            errors = driver.find_elements(By.CSS_SELECTOR, '[data-testid="stException"], '
-                                                           '[data-testid="stAlertContentError"]')
+            settle(driver, 240)
+            body, errors = body_text(driver), error_boxes(driver)
             empty = [ln for ln in body.splitlines() if ln.startswith("No ") and " in run " in ln]
-            pages[title] = {"seconds": round(time.perf_counter() - t, 1), "errors": [e.text[:300] for e in errors],
+            pages[title] = {"seconds": round(time.perf_counter() - t, 1), "errors": [e[:300] for e in errors],
                             "empty": empty, "ok": not errors and not empty and "Traceback" not in body}
             if path == "Latent_browser":
                 result = check_exemplars(driver, files)
@@ -252,13 +198,6 @@ def browser_check(run: Path, files: dict[str, np.ndarray], shot: Path, scratch: 
                 result["ok"] = result["ok"] and not result["placeholder_warning"]
                 time.sleep(1.5)  # let the images paint
                 driver.save_screenshot(str(shot))
-    finally:
-        driver.quit()
-        proc.terminate()  # `sae-cafe view` is the server (exec): this stops it
-        try:
-            proc.wait(30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
     return {"pages": pages, "latent_browser": result,
             "ok": all(p["ok"] for p in pages.values()) and bool(result.get("ok"))}
 
@@ -347,9 +286,11 @@ def main() -> int:
         pass
     args.out.mkdir(parents=True, exist_ok=True)
     if not args.no_browser and rc == 0:
-        if not (CHROMIUM.exists() and DRIVER.exists()):
+        from app.browser import unavailable
+
+        if unavailable():
             res["browser"] = None
-            print("no /usr/bin/chromium + /usr/bin/chromedriver: browser check skipped", flush=True)
+            print(f"browser check skipped: {unavailable()}", flush=True)
         else:
             res["browser"] = browser_check(run, files, args.out / "own_model_quick.png", scratch)
             print(f"browser check ok={res['browser']['ok']}", flush=True)

@@ -10,11 +10,10 @@ from pathlib import Path
 
 import pytest
 
+from app.browser import unavailable
 from sae_cafe.cafe import load_cafe
 from sae_cafe.errors import ArtifactError, SaeCafeError
 from sae_cafe.export import export_html, export_ledger
-
-CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 
 
 @pytest.fixture(scope="module")
@@ -117,25 +116,15 @@ def test_html_atlas_content_and_cap(run_root, tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not (CHROMIUM.exists() and DRIVER.exists()),
-                    reason="needs Debian's Chromium and its driver: `apt-get install chromium chromium-driver`")
+@pytest.mark.skipif(unavailable(streamlit=False) is not None, reason=str(unavailable(streamlit=False)))
 def test_html_atlas_in_headless_chromium_makes_no_network_request(run_root, tmp_path):
-    pytest.importorskip("selenium")
-    from selenium import webdriver
-    from selenium.webdriver.chrome.service import Service
     from selenium.webdriver.common.by import By
 
+    from app.browser import chromium
+
     out = export_html("tiny", run_root, tmp_path / "atlas.html")
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = str(CHROMIUM)
-    for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-              "--disable-background-networking", "--disable-component-update", "--disable-sync",
-              "--no-first-run", "--window-size=1400,1800", f"--user-data-dir={tmp_path / 'profile'}"):
-        opts.add_argument(a)
-    opts.set_capability("goog:loggingPrefs", {"performance": "ALL"})
-    driver = webdriver.Chrome(service=Service(str(DRIVER)), options=opts)
+    driver = chromium(tmp_path / "profile", performance_log=True)
     try:
-        driver.set_page_load_timeout(120)
         driver.get("about:blank")
         driver.get_log("performance")  # drain: the browser's own start-up pages are not the atlas's requests
         driver.get(out.as_uri())

@@ -8,16 +8,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
-import os
-import subprocess
-import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import torch
 from tiny_models import random_sae
 
+from app.browser import unavailable
 from sae_cafe.errors import MismatchError, SaeCafeError
 from sae_cafe.models import make_adapter
 from sae_training.pipeline import load_config
@@ -145,7 +142,6 @@ def test_build_icat_with_a_direction_writes_one_graph_and_the_direction(tmp_path
 
 
 # ----- the viewer on a reduced DINOv2 run, in headless Chromium -------------------------------------------------
-CHROMIUM, DRIVER = Path("/usr/bin/chromium"), Path("/usr/bin/chromedriver")
 PAGES = [("", "sae-cafe viewer", '[data-testid="stDataFrame"]', 1),
          ("Latent_browser", "Latent browser", '[data-testid="stImage"] img', 3),
          ("Image_explorer", "Image explorer", '[data-testid="stImage"] img', 1),
@@ -180,49 +176,19 @@ def build_reduced_dinov2_run(root: Path) -> Path:
 
 @pytest.mark.slow
 @pytest.mark.timeout(1800)
-@pytest.mark.skipif(not (CHROMIUM.exists() and DRIVER.exists()),
-                    reason="needs Debian's Chromium and its driver (/usr/bin/chromium, /usr/bin/chromedriver)")
+@pytest.mark.skipif(unavailable() is not None, reason=str(unavailable()))
 def test_every_viewer_page_renders_on_a_headless_dinov2_run(tmp_path_factory):
-    pytest.importorskip("selenium", reason="pip install selenium (the [test] extra)")
     from selenium.common.exceptions import TimeoutException
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
-    from test_app_browser import check_page, free_port
 
-    from app.cli import command
+    from app.browser import browser, button, check_page, viewer
 
     root = tmp_path_factory.mktemp("foundation_view")
     run = build_reduced_dinov2_run(root)
     assert json.loads((run / "icat" / "hf_dinov2_small" / "manifest.json").read_text())["target"]["kind"] == "direction"
-    port = free_port()
-    log = open(root / "streamlit.log", "w+")  # noqa: SIM115 (closed in finally)
-    proc = subprocess.Popen(command(root, port=port), stdout=log, stderr=subprocess.STDOUT, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
-    url = f"http://127.0.0.1:{port}"
-    driver = None
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"{url}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            if proc.poll() is not None or time.time() > deadline:
-                log.seek(0)
-                pytest.fail(f"streamlit did not start (exit {proc.poll()}):\n{log.read()[-3000:]}")
-            time.sleep(0.5)
-        from selenium import webdriver
-        from selenium.webdriver.chrome.service import Service
-
-        opts = webdriver.ChromeOptions()
-        opts.binary_location = str(CHROMIUM)
-        for a in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                  "--no-first-run", "--window-size=1400,1800", f"--user-data-dir={root / 'chromium-profile'}"):
-            opts.add_argument(a)
-        driver = webdriver.Chrome(service=Service(str(DRIVER)), options=opts)
-        driver.set_page_load_timeout(120)
+    with viewer(root, root / "streamlit.log") as server, browser(root / "chromium-profile") as driver:
+        url = server.url
         for path, title, main, count in PAGES:
             driver.get(f"{url}/{path}")
             try:  # a busy machine renders slowly: wait longer than check_page's own waits
@@ -237,8 +203,7 @@ def test_every_viewer_page_renders_on_a_headless_dinov2_run(tmp_path_factory):
             elif path == "Latent_browser":
                 assert "hf.encoder.layer" in body and "Latent " in body  # a concept card with its exemplars
             elif path == "Image_explorer":
-                button = next(b for b in driver.find_elements(By.TAG_NAME, "button") if b.text.startswith("Run "))
-                button.click()
+                button(driver, "Run ").click()  # waited for: see app.browser.button
                 WebDriverWait(driver, 300).until(lambda d: "Latents active on this image" in
                                                  d.find_element(By.TAG_NAME, "body").text)
                 body = check_page(driver, title, '[data-testid="stImage"] img', 4)
@@ -247,12 +212,3 @@ def test_every_viewer_page_renders_on_a_headless_dinov2_run(tmp_path_factory):
                 assert "mean output direction" in body and "Latent " in body  # the root and a node's card
             elif path == "Metrics":
                 assert "CAFE" in body and "hf_dinov2_small" in body
-    finally:
-        if driver is not None:
-            driver.quit()
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()

@@ -26,7 +26,7 @@ import torch
 from ..errors import MismatchError, SaeCafeError
 from ..models import PFVBatch, get_adapter
 from ..models.base import ModelAdapter
-from ..saes import check_sae, decode, encode_pfv
+from ..saes import check_sae, decode, encode_pfv, sae_tokens
 
 Method = Literal["ig", "grad", "grad_x_input", "ablation", "random"]
 METHODS: tuple[str, ...] = ("ig", "grad", "grad_x_input", "ablation", "random")
@@ -42,6 +42,19 @@ def sae_encode_with_pre(sae, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
 
 def sae_width(sae) -> int:
     return int(sae.cfg.d_sae)
+
+
+def check_patch_sae(sae, layer: str | int) -> None:
+    """ICAT's source and target rows are the patch tokens (class / register tokens are frozen), so an SAE
+    trained on class tokens only (``metadata.sae_cafe.tokens == "cls"``, :func:`sae_cafe.saes.sae_tokens`) has
+    no latents here: refused with a :class:`MismatchError` before any work. (Attributing class-token latents
+    would need another frozen state, target position and baseline; not supported.) ``"all"`` SAEs are used on
+    their patch rows."""
+    if sae_tokens(sae) == "cls":
+        raise MismatchError(f"the SAE for layer {str(layer)!r} (d_sae={sae_width(sae)}) was trained on class tokens "
+                            "only (metadata sae_cafe.tokens='cls'); ICAT attributes between patch-token latents, "
+                            "so it has none to explain — use an SAE of this layer trained with tokens 'patch' or "
+                            "'all' (`sae-cafe train-sae --token-kinds patch`)")
 
 
 # ----- the fixed state of one layer pair on one batch of images -------------------------------------------
@@ -155,6 +168,9 @@ def prepare_pair(model, saes: dict, x: torch.Tensor, source_layer: str | int, ta
     x = x.to(adapter.device)
     sae_src = _find_sae(saes, adapter, src)
     sae_tgt = None if tgt == LOGITS else _find_sae(saes, adapter, tgt)
+    check_patch_sae(sae_src, src)
+    if sae_tgt is not None:
+        check_patch_sae(sae_tgt, tgt)
     if tgt == LOGITS:
         acts = adapter.capture(x, [src])
         logits = adapter(x)
@@ -210,6 +226,7 @@ def latent_means(model, sae, x: torch.Tensor, layer: str | int, batch_size: int 
     """Dataset-mean SAE code (S,) of ``layer`` over images ``x`` (N, 3, H, W) and all positions."""
     adapter = get_adapter(model)
     layer = adapter.resolve_layer(layer)
+    check_patch_sae(sae, layer)
     total, count = None, 0
     for i in range(0, len(x), batch_size):
         pfv = adapter.to_pfv(adapter.capture(x[i:i + batch_size].to(adapter.device), [layer],

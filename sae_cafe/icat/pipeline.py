@@ -29,6 +29,7 @@ from ..model_record import KEY as MODEL_RECORD
 from ..model_record import record_for
 from ..models import get_adapter
 from .adversarial import fgsm, pgd
+from .attribute import check_patch_sae
 from .figures import case_figure, graph_figure
 from .graph import GraphConfig, build_graph, write_graph
 from .routes import compare_routes, dominant_route
@@ -149,6 +150,8 @@ def build_icat(model, saes: dict, images, labels, run: str, root: str | Path | N
     cfg.layers = order_layers(adapter, layers if layers is not None else (cfg.layers or list(saes)))
     if len(cfg.layers) < 1:
         raise SaeCafeError("build_icat needs SAEs for at least one layer")
+    for key, sae in saes.items():  # a class-token-only SAE is refused before any work (attribute.check_patch_sae)
+        check_patch_sae(sae, key)
     name = model_name or adapter.name
     x = adapter.preprocess(images)
     readout = None

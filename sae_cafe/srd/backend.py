@@ -36,7 +36,6 @@ weights version) and must never change the model's parameters, buffers, hooks or
 
 from __future__ import annotations
 
-import weakref
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from typing import Any
@@ -46,7 +45,23 @@ from torch import Tensor, nn
 
 from ..errors import MismatchError, NonFiniteError, UnsupportedModuleError
 
-_BUILT: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
+#: the SRD forms built for a model are kept on the model instance (this attribute), not in a module-level
+#: WeakKeyDictionary: a built form may reference the model (a ViT spec holds its modules; the float32 working
+#: copy of a float32 model is the model itself), and a WeakKeyDictionary value that references its key keeps the
+#: model alive forever. An attribute is a plain reference cycle that the garbage collector frees with the model
+#: (as ``sae_cafe.models.registry`` keeps a model's adapter).
+_CACHE_ATTR = "_sae_cafe_srd_cache"
+
+
+class _BuildCache(dict):
+    """{key: (weights signature, SRD form, number of outputs)}; a copy of the model (deepcopy, pickle) starts
+    empty, so a model copied to another dtype or device never carries the original's forms."""
+
+    def __deepcopy__(self, memo: dict) -> _BuildCache:
+        return _BuildCache()
+
+    def __reduce__(self) -> tuple:
+        return (_BuildCache, ())
 
 
 def weights_signature(model: nn.Module) -> tuple:
@@ -56,9 +71,11 @@ def weights_signature(model: nn.Module) -> tuple:
 
 
 def cached_build(model: nn.Module, key: Any, build: Callable[[], tuple[Any, int]]) -> tuple[Any, int]:
-    """``build()`` → (SRD form of ``model``, number of outputs), cached per model (weakly) and ``key`` and
-    rebuilt whenever the weights change (:func:`weights_signature`)."""
-    cache = _BUILT.setdefault(model, {})
+    """``build()`` → (SRD form of ``model``, number of outputs), cached per model (on the instance, freed with it)
+    and ``key`` and rebuilt whenever the weights change (:func:`weights_signature`)."""
+    cache = model.__dict__.get(_CACHE_ATTR)
+    if cache is None:
+        cache = model.__dict__[_CACHE_ATTR] = _BuildCache()
     sig = weights_signature(model)
     if key not in cache or cache[key][0] != sig:
         cache[key] = (sig, *build())
