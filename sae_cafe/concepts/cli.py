@@ -37,7 +37,8 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                    "SAE as the stage recorded them")
     p.add_argument("--evidence", action="store_true", help="also the evidence version (SRD iERFs of the CAFE "
                    "stage's exemplars); needs --cafe built over the dataset's images in the same order")
-    p.add_argument("--run", default=None, help="run name (with --model and --layer; not needed with --cafe)")
+    p.add_argument("--run", default="demo", help="run name (default demo; with --model and --layer; not needed "
+                   "with --cafe)")
     p.add_argument("--root", default=None, help=ROOT_HELP)
     p.add_argument("--model", default=None, help="registered model name (with --run; with --cafe: checked)")
     p.add_argument("--layer", default=None, help="layer id (with --run; with --cafe: checked against the stage)")
@@ -90,9 +91,10 @@ def _resolve(args):
         if args.evidence:
             raise SaeCafeError("--evidence needs --cafe: the iERFs come from a CAFE stage built over the dataset's "
                                "images")
-        missing = [f"--{n}" for n in ("run", "model", "layer") if getattr(args, n) is None]
+        missing = [f"--{n}" for n in ("model", "layer") if getattr(args, n) is None]
         if missing:
-            raise SaeCafeError(f"pass --cafe STAGE, or --run, --model and --layer (missing: {', '.join(missing)})")
+            raise SaeCafeError(f"pass --cafe STAGE, or --model and --layer with --run (default demo) "
+                               f"(missing: {', '.join(missing)})")
         adapter = resolve_run_model(run_dir(args.run, args.root), args.model, args.weights, args.device)
         layer = adapter.resolve_layer(args.layer)
         stage = None
