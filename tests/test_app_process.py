@@ -5,15 +5,14 @@ from __future__ import annotations
 import os
 import signal
 import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 
 pytest.importorskip("streamlit")
+
+from app.browser import viewer  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -49,33 +48,16 @@ def test_killing_view_by_pid_stops_the_server(tmp_path, sig):
     root = tmp_path / f"viewroot_{sig.name}"
     (root / "r" / "world").mkdir(parents=True)  # a run directory (empty stages are fine for the server)
     port = free_port()
-    log = open(tmp_path / "view.log", "w+")  # noqa: SIM115 (closed below)
-    proc = subprocess.Popen([sys.executable, "-m", "sae_cafe", "view", str(root), "--port", str(port),
-                             "--headless"], cwd=REPO, stdout=log, stderr=subprocess.STDOUT,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
     try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                if urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2).read() == b"ok":
-                    break
-            except OSError:
-                pass
-            assert proc.poll() is None, (tmp_path / "view.log").read_text()
-            assert time.time() < deadline, "the viewer did not start in 120 s: " + (tmp_path / "view.log").read_text()
-            time.sleep(0.5)
-        assert processes_mentioning(str(root))  # the server runs (as the very process we started)
-        os.kill(proc.pid, sig)
-        proc.wait(timeout=60)
-        deadline = time.time() + 30
-        while (port_open(port) or processes_mentioning(str(root))) and time.time() < deadline:
-            time.sleep(0.5)
-        assert not port_open(port), "the Streamlit server still serves after `sae-cafe view` was killed"
-        assert not processes_mentioning(str(root)), "a Streamlit process outlived `sae-cafe view`"
+        with viewer(root, tmp_path / "view.log", cli=True, port=port) as server:  # the user's `sae-cafe view`
+            assert processes_mentioning(str(root))  # the server runs (as the very process we started)
+            os.kill(server.proc.pid, sig)
+            server.proc.wait(timeout=60)
+            deadline = time.time() + 30
+            while (port_open(port) or processes_mentioning(str(root))) and time.time() < deadline:
+                time.sleep(0.5)
+            assert not port_open(port), "the Streamlit server still serves after `sae-cafe view` was killed"
+            assert not processes_mentioning(str(root)), "a Streamlit process outlived `sae-cafe view`"
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
         for pid in processes_mentioning(str(root)):  # only processes of this test's unique root
             os.kill(pid, signal.SIGKILL)
-        log.close()
