@@ -167,6 +167,7 @@ def concept_card(ctx: Ctx, cafe_stage: Path, latent: int, n: int | None = None, 
         st.caption(f"evidence-mass share per attribute value: {ev}")
     elif lab:
         st.caption(f"label: none ({lab['note']})")
+    dissection_lines(ctx, cafe_stage, cafe, int(latent))
     if card["pushes"]:
         st.caption("pushes ↑ " + ", ".join(f"{p['class']} ({p['logit']:+.2f})" for p in card["pushes"]["up"])
                    + " · ↓ " + ", ".join(f"{p['class']} ({p['logit']:+.2f})" for p in card["pushes"]["down"]))
@@ -200,6 +201,43 @@ def concept_card(ctx: Ctx, cafe_stage: Path, latent: int, n: int | None = None, 
         st.dataframe(rows, hide_index=True, key=f"{key}_nn")
     except ERRORS as e:
         show_error(e, "search the decoder index")
+
+
+def stage_dissection(ctx: Ctx, cafe_stage: Path, cafe):
+    """(dissection labels or None, message or None, warn): the ``sae-cafe dissect`` output of a CAFE stage,
+    checked against it (:func:`app.dissection.mismatch`); the message says how to make them (``warn`` False),
+    or why they are not shown / what to be careful about (``warn`` True)."""
+    from .dissection import hint, mismatch
+
+    try:
+        dis = D.dissection(ctx.root, ctx.run, cafe_stage)
+    except ERRORS as e:
+        return None, f"Dissection labels not shown: {e}", True
+    if dis is None:
+        cmd = hint(ctx.root, ctx.run, cafe.manifest.get("model", cafe_stage.parent.name), cafe.layer)
+        return None, f"dissection: none for this layer — label the latents on segmentation data with `{cmd}`", False
+    error, warning = mismatch(dis, cafe.manifest, cafe.n_latents)
+    if error:
+        return None, f"Dissection labels not shown: {error}", True
+    return dis, warning, True
+
+
+def dissection_lines(ctx: Ctx, cafe_stage: Path, cafe, latent: int) -> None:
+    """The card's Network Dissection lines (one per method: concept, IoU, threshold, agreement with the stage's
+    own label), or how to make them."""
+    from .dissection import describe
+
+    dis, msg, warn = stage_dissection(ctx, cafe_stage, cafe)
+    if dis is not None:
+        own = cafe.concept_labels.get(latent)
+        for m in dis.methods:
+            st.markdown(describe(dis, latent, own, m))
+        where = dis.path.relative_to(ctx.root.resolve()) if ctx.root.resolve() in dis.path.parents else dis.path
+        st.caption(f"Network Dissection (`sae-cafe dissect`) on {dis.meta.get('n_images', '?')} images of "
+                   f"`{dis.meta.get('masks', '?')}`, {len(dis.meta.get('concepts', []))} concepts; read from "
+                   f"`{where}`")
+    if msg:
+        (st.warning if warn else st.caption)(msg)
 
 
 # ----- graphs -----------------------------------------------------------------------------------------------

@@ -410,6 +410,34 @@ def concepts(dirs: dict[str, Path]):
 
 
 @cached_data
+def load_dissection(path: str, stamp: float):
+    """A ``sae-cafe dissect`` output folder (:func:`app.dissection.read_dissection`; ``stamp``: the mtime of its
+    ``dissection.json``, part of the cache key so a rerun is picked up)."""
+    from .dissection import read_dissection
+
+    return read_dissection(path)
+
+
+def dissection_dir(root: Path, run: str, cafe_stage: Path) -> Path:
+    """Where ``sae-cafe dissect`` writes by default for the CAFE stage ``<run>/cafe/<model>/<layer>``:
+    ``<run>/dissection/<model>/<layer>`` (confined to the root)."""
+    return confine(root, f"{run}/dissection/{cafe_stage.parent.name}/{cafe_stage.name}")
+
+
+def dissection(root: Path, run: str, cafe_stage: Path):
+    """The dissection labels of a CAFE stage's latents (:class:`app.dissection.DissectionLabels`, cached), or
+    None when there are none (``sae-cafe dissect`` not run for it); :class:`ArtifactError` /
+    :class:`PathEscapeError` for an unreadable folder or one whose files link outside the root."""
+    d = dissection_dir(root, run, cafe_stage)
+    meta = d / "dissection.json"
+    if not meta.exists():
+        return None
+    if not tree_confined(root, d):
+        raise PathEscapeError(f"the dissection folder {d} links outside the artifact root; the viewer ignores it")
+    return load_dissection(str(d), meta.stat().st_mtime)
+
+
+@cached_data
 def load_image_bytes(path: str, stamp: float) -> bytes:
     """An image file inside the root, re-encoded as PNG bytes (decoded by ``sae_cafe.images.load_image``)."""
     from sae_cafe.images import load_image

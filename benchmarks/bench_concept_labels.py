@@ -15,7 +15,8 @@ Columns: accuracy (label (attribute, value) = ground truth, either member of a p
 reliability (accuracy per raw-confidence bin), the smallest pixel share keeping ≥ 80 % of the activation when
 only the pixels ranked highest by the evidence are kept (the rest set to 0 in normalised space = the world's
 mean grey), cost per exemplar (evidence computation only, seconds, this machine's CPU, one thread).
-Also fits ``sae_cafe/concepts/calibration.json`` (accuracy per raw-confidence bin per evidence type).
+Also fits ``sae_cafe/concepts/calibration.json`` (accuracy per raw-confidence bin per evidence type; a bin
+without samples is merged into its lower neighbour, so the file holds no empty bin).
 
     nice -n 10 .venv/bin/python benchmarks/bench_concept_labels.py   # both models (~25 min wall, busy 2-core machine)
     nice -n 10 .venv/bin/python benchmarks/bench_concept_labels.py --models mini_vit   # rerun one model
@@ -54,6 +55,7 @@ from sae_cafe.concepts.evidence import (  # noqa: E402
     recovery_share,
     world_tensor,
 )
+from sae_cafe.concepts.label import merge_empty_bins  # noqa: E402
 from sae_cafe.errors import MismatchError  # noqa: E402
 from sae_cafe.world.vocab import BACKGROUNDS, COLOURS, PATTERNS, SHAPES  # noqa: E402
 
@@ -265,13 +267,27 @@ def paired_differences(doc: dict, base_kind: str = "ierf", n_boot: int = 2000) -
     return out
 
 
+def calibration_tables(pooled: dict) -> dict:
+    """The calibration tables of the pooled reliability bins: every evidence type (not the control) with its
+    empty bins merged into their lower neighbour (``merge_empty_bins``: exact, the file then holds no bin without
+    samples; the results file keeps the fixed ``EDGES``); a type with no sample in any bin is left out."""
+    out = {}
+    for k, v in pooled.items():
+        r = v["reliability"]
+        if k == CONTROL or not any(r["n"]):
+            continue
+        edges, acc, n = merge_empty_bins(r["edges"], r["accuracy"], r["n"])
+        out[k] = {"edges": edges, "accuracy": acc, "n": n}
+    return out
+
+
 def write_calibration(doc: dict) -> None:
     src = (f"benchmarks/bench_concept_labels.py ({doc['created']}): label accuracy against counterfactual "
            f"ground truth per raw-confidence bin, pooled over {', '.join(doc['models'])} × 2 layers "
            f"({', '.join(f'{m}: ' + '/'.join(l['layer_id'] for l in v['layers']) for m, v in doc['models'].items())})"
            "; in-sample (the same latents the accuracy table reports)")
     cal = {"schema": 1, "raw_confidence": RAW_CONFIDENCE, "source": src, "rule": doc["rule"],
-           "evidence": {k: v["reliability"] for k, v in doc["pooled"].items() if k != CONTROL}}
+           "evidence": calibration_tables(doc["pooled"])}
     CALIBRATION.write_text(json.dumps(cal, indent=1) + "\n")
 
 

@@ -133,7 +133,8 @@ def test_calibration_table_binned_and_checked(tmp_path):
         "ierf": {"edges": [0, 0.2, 0.5, 1.0], "accuracy": [0.3, None, 0.9], "n": [10, 0, 5]}}})
     assert cal.apply(0.1, "ierf") == (0.3, "calibration.json:ierf")
     assert cal.apply(1.0, "ierf") == (0.9, "calibration.json:ierf")  # the last bin includes its right edge
-    assert cal.apply(0.3, "ierf")[1] == "uncalibrated (empty calibration bin)"
+    assert cal.apply(0.3, "ierf") == (0.3, "calibration.json:ierf (calibrated by the [0, 0.2] bin: the [0.2, 0.5] "
+                                           "bin has no samples)")  # an empty bin: its lower neighbour's
     assert cal.apply(0.3, "act") == (0.3, "uncalibrated")
     lab = label_latent(on_object(3), scenes([0, 1, 2], [0, 0, 0]), calibration=cal)
     assert lab.confidence == 0.3 and lab.raw_confidence == pytest.approx(0.0)

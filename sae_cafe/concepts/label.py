@@ -21,7 +21,9 @@ Rule (fixed before any accuracy was measured):
 * **calibrated confidence**: the raw confidence mapped through the binned table
   ``sae_cafe/concepts/calibration.json`` (label accuracy per raw-confidence bin against counterfactual
   ground truth, per evidence type; written by the label-accuracy benchmark). Without that file, or without
-  a table for the evidence type, ``confidence = raw_confidence`` and ``calibration = "uncalibrated"``.
+  a table for the evidence type, ``confidence = raw_confidence`` and ``calibration = "uncalibrated"``. A bin
+  without samples uses its nearest non-empty lower neighbour, and the label's ``calibration`` says so
+  (:meth:`Calibration.apply`).
 
 Hand-written: the rule is this project's definition; the mass shares reuse ``cafe.metrics.attribute_mass``.
 """
@@ -91,7 +93,8 @@ class ConceptLabel:
         attribute, value: the winning attribute and value id (None when unlabelled).
         raw_confidence: ``m(winner) − m(runner-up)`` (see the module docstring), in [0, 1].
         confidence: calibrated confidence (= raw when ``calibration == "uncalibrated"``).
-        calibration: "uncalibrated" or "calibration.json:<evidence>" (the table used).
+        calibration: "uncalibrated" or "calibration.json:<evidence>" (the table used; followed by
+            "(calibrated by the [a, b] bin: the [c, d] bin has no samples)" when the raw value's bin is empty).
         evidence: the map type the label was made from ("ierf", "act", "gradient", "mask", "dissection", …).
         share, runner_up, runner_up_share: ``m(winner)``, the runner-up's name and ``m(runner-up)``.
         agreement: share of exemplars whose own best (attribute, value) is the winner.
@@ -161,15 +164,60 @@ class Calibration:
     path: str = ""
 
     def apply(self, raw: float, evidence: str) -> tuple[float, str]:
-        """(confidence, calibration tag) of a raw confidence; raw and "uncalibrated…" without a usable bin."""
+        """(confidence, calibration tag) of a raw confidence; raw and "uncalibrated" without a table.
+
+        A bin without samples takes the calibration of its nearest non-empty lower neighbour (the lowest bins,
+        when empty, of the nearest non-empty upper one), said in the tag: ``"calibration.json:ierf (calibrated
+        by the [0.3, 0.5] bin: the [0.5, 1] bin has no samples)"`` — the same result as the table with that
+        bin merged into its neighbour (:func:`merge_empty_bins`, what the benchmark writes). Raw and
+        ``"uncalibrated (no calibration bin has samples)"`` when every bin is empty."""
         t = self.tables.get(evidence)
         if t is None:
             return raw, UNCALIBRATED
         edges, acc, n = t
         i = min(max(bisect.bisect_right(edges, raw) - 1, 0), len(acc) - 1)
-        if n[i] <= 0 or not math.isfinite(acc[i]):
-            return raw, f"{UNCALIBRATED} (empty calibration bin)"
-        return float(acc[i]), f"calibration.json:{evidence}"
+        j = filled_bin(acc, n, i)
+        if j is None:
+            return raw, f"{UNCALIBRATED} (no calibration bin has samples)"
+        tag = f"calibration.json:{evidence}"
+        if j != i:
+            tag += f" (calibrated by the {_bin(edges, j)} bin: the {_bin(edges, i)} bin has no samples)"
+        return float(acc[j]), tag
+
+
+def _filled(acc: Sequence[float | None], n: Sequence[int], i: int) -> bool:
+    return n[i] > 0 and acc[i] is not None and math.isfinite(acc[i])
+
+
+def _bin(edges: Sequence[float], i: int) -> str:
+    return f"[{edges[i]:g}, {edges[i + 1]:g}]"
+
+
+def filled_bin(acc: Sequence[float | None], n: Sequence[int], i: int) -> int | None:
+    """The bin whose calibration bin ``i`` uses: ``i`` when it has samples (n > 0, finite accuracy), else the
+    nearest such bin below it, else (``i`` below every filled bin) the nearest above; None when all are empty."""
+    for j in [*range(i, -1, -1), *range(i + 1, len(n))]:
+        if _filled(acc, n, j):
+            return j
+    return None
+
+
+def merge_empty_bins(edges: Sequence[float], acc: Sequence[float | None],
+                     n: Sequence[int]) -> tuple[list[float], list[float | None], list[int]]:
+    """A calibration table without empty bins: each bin with no samples joins its lower neighbour (empty bins
+    below every filled one join the first filled bin above). Exact: a merged bin holds the same samples, so
+    its accuracy is unchanged, and ``Calibration.apply`` gives the same confidence for every raw value with
+    either table. A table with no filled bin is returned unchanged."""
+    if not len(edges) == len(acc) + 1 == len(n) + 1:
+        raise SaeCafeError(f"a calibration table needs B+1 edges, B accuracies and B counts; got {len(edges)}, "
+                           f"{len(acc)}, {len(n)}")
+    keep = [i for i in range(len(n)) if _filled(acc, n, i)]
+    if not keep:
+        return list(edges), list(acc), list(n)
+    # bin keep[k] now spans from its own lower edge (the table's lowest edge for the first) to the next kept
+    # bin's lower edge (the table's highest edge for the last)
+    lower = [edges[0], *(edges[i] for i in keep[1:])]
+    return [*map(float, lower), float(edges[-1])], [acc[i] for i in keep], [int(n[i]) for i in keep]
 
 
 def parse_calibration(data: Mapping, where: str = "calibration.json") -> Calibration:
@@ -327,5 +375,5 @@ def search_labels(labels: Mapping[int, ConceptLabel], query: str, min_confidence
 
 
 __all__ = ["CALIBRATION_FILE", "LABELS_FILE", "RAW_CONFIDENCE", "UNCALIBRATED", "Calibration", "ConceptLabel",
-           "evidence_shares", "label_all", "label_from_shares", "label_latent", "labels_document",
-           "load_calibration", "parse_calibration", "read_labels", "search_labels", "value_name"]
+           "evidence_shares", "filled_bin", "label_all", "label_from_shares", "label_latent", "labels_document",
+           "load_calibration", "merge_empty_bins", "parse_calibration", "read_labels", "search_labels", "value_name"]
