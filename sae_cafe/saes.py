@@ -29,6 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from .activations.rows import layer_pfv, prefix_index, token_pfv
 from .errors import ArtifactError, MismatchError
 from .interventions import Intervention, edit_latents, group_interventions
 from .models import ModelAdapter, PFVBatch, get_adapter, grid_positions
@@ -290,8 +291,7 @@ def encode_images(sae: Any, adapter: ModelAdapter | nn.Module, layer: str, x: to
         raise MismatchError(f"the SAE at layer {layer!r} was trained on class tokens only (tokens='cls'); "
                             "exemplars and latent maps are mined at patch positions — use an SAE trained with "
                             "tokens='patch' or 'all'")
-    adapter = get_adapter(adapter)
-    batch = adapter.to_pfv(adapter.capture(x, [layer], stop_early=True)[layer])
+    batch = layer_pfv(get_adapter(adapter), x, layer)
     return batch.pfv.float(), encode_pfv(sae, batch.pfv).float(), tuple(batch.grid)
 
 
@@ -311,25 +311,16 @@ def _prefix_mask(sae: Any, adapter: ModelAdapter, extra: torch.Tensor | None) ->
     tokens = sae_tokens(sae)
     if tokens == "patch" or extra is None or not extra.shape[1]:
         return None
-    E = extra.shape[1]
-    if tokens == "all":
-        return torch.ones(E, dtype=torch.bool)
-    from .activations.outliers import prefix_kinds
-
-    return torch.tensor([k == "cls" for k in prefix_kinds(adapter, E)])
+    mask = torch.zeros(extra.shape[1], dtype=torch.bool)
+    mask[prefix_index(adapter, extra.shape[1], tokens)] = True
+    return mask
 
 
 def token_rows(sae: Any, adapter: ModelAdapter, batch: PFVBatch) -> torch.Tensor:
     """The PFVs of a layer batch that the SAE was trained on, as rows (n, D): the patch tokens (``"patch"``),
-    the class tokens (``"cls"``) or all tokens (``"all"``: prefix tokens, then patch tokens, per image)."""
-    pm = _prefix_mask(sae, adapter, batch.extra)
-    D = batch.pfv.shape[-1]
-    parts = [batch.extra[:, pm.to(batch.extra.device)]] if pm is not None else []
-    if sae_tokens(sae) != "cls":
-        parts.append(batch.pfv)
-    if not parts:
-        return batch.pfv.new_zeros(0, D)
-    return torch.cat(parts, 1).reshape(-1, D)
+    the class tokens (``"cls"``) or all tokens (``"all"``: prefix tokens, then patch tokens, per image)
+    (:func:`sae_cafe.activations.rows.token_pfv`)."""
+    return token_pfv(adapter, batch, sae_tokens(sae)).reshape(-1, batch.pfv.shape[-1])
 
 
 def _splice(sae: Any, x: torch.Tensor, keep_error: bool) -> torch.Tensor:

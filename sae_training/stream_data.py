@@ -13,7 +13,8 @@ continues with exactly the batches an uninterrupted run sees.
 
 **Which rows.** Each layer's rows are the ones the shard path would store for the layer's token setting
 (``tokens = "patch" | "all" | "cls"`` of its SAEs): they come from the extraction's own row function
-(:func:`sae_cafe.activations.extract.layer_rows`), which also flags high-norm outlier tokens with the shard path's
+(:func:`sae_cafe.activations.extract.layer_rows`, over one forward pass per image batch:
+:func:`sae_cafe.activations.rows.capture_pfv`), which also flags high-norm outlier tokens with the shard path's
 rule (:func:`sae_cafe.activations.outliers.flag_outliers`: per image, norm > median + k·max(MAD, 0.1·median) of
 the image's patch-token norms; CNN maps are not checked) and counts them in an
 :class:`~sae_cafe.activations.outliers.OutlierTally`. With ``outliers="exclude"`` flagged rows are left out
@@ -38,9 +39,11 @@ import torch
 from sae_cafe.activations.extract import ExtractConfig
 from sae_cafe.activations.extract import layer_rows as shard_rows  # the shard path's rows, reused
 from sae_cafe.activations.outliers import OutlierTally, prefix_kinds
+from sae_cafe.activations.rows import capture_pfv, prefix_index
 from sae_cafe.activations.shards import check_tokens
 from sae_cafe.errors import SaeCafeError
 from sae_cafe.image_source import ImageSource
+from sae_cafe.models import PFVBatch
 
 #: version of the provider's checkpoint state (2: layers keyed by id, token kinds, outlier counts)
 STATE_FORMAT = 2
@@ -165,14 +168,16 @@ def select_rows(n_pos: int, k: int, seed: int, first_image: int, n_images: int, 
 def rows_per_image_of(adapter: Any, n_pos: int, tokens: str) -> int:
     """Rows per image of a layer with ``n_pos`` grid positions under a ``tokens`` setting, as the shard path
     stores them: patch tokens, plus the prefix tokens (``"all"``), or the class tokens only (``"cls"``; a model
-    without a class token is an error, as at extraction). CNN maps have grid positions only."""
+    without a class token is an error, as at extraction). CNN maps have grid positions only. The prefix tokens
+    kept are :func:`sae_cafe.activations.rows.prefix_index`'s."""
     check_tokens(tokens, "SAE tokens")
-    prefix = prefix_kinds(adapter) if getattr(adapter, "kind", None) == "tokens" else []
+    n_prefix = len(prefix_kinds(adapter)) if getattr(adapter, "kind", None) == "tokens" else 0
+    kept = int(prefix_index(adapter, n_prefix, tokens).numel())
     if tokens == "cls":
-        if "cls" not in prefix:
+        if not kept:
             raise SaeCafeError(f"tokens='cls' but {adapter.name} has no class token; use tokens='patch'")
-        return prefix.count("cls")
-    return n_pos + (len(prefix) if tokens == "all" else 0)
+        return kept
+    return n_pos + kept
 
 
 class StreamProvider:
@@ -246,11 +251,12 @@ class StreamProvider:
                 raise SaeCafeError(f"no readable images in {self.source.description}")
             self.epoch, self.next_item = self.epoch + 1, 0
 
-    def layer_rows(self, layer: str, act: torch.Tensor, first_image: int) -> torch.Tensor:
-        """The rows (n, d_in) of one layer output (B images from stream index ``first_image``) that go into the
-        layer's buffer: the shard path's rows of the layer's token kinds, outliers flagged (and counted) by its
-        rule, left out under ``exclude``, at most ``rows_per_image`` drawn per image."""
-        B = act.shape[0]
+    def layer_rows(self, layer: str, act: torch.Tensor | PFVBatch, first_image: int) -> torch.Tensor:
+        """The rows (n, d_in) of one layer output (raw or its :class:`PFVBatch`; B images from stream index
+        ``first_image``) that go into the layer's buffer: the shard path's rows of the layer's token kinds,
+        outliers flagged (and counted) by its rule, left out under ``exclude``, at most ``rows_per_image`` drawn
+        per image."""
+        B = (act.pfv if isinstance(act, PFVBatch) else act).shape[0]
         rows, img, _pos, _kind, flag = shard_rows(self.adapter, act, first_image, self._xcfg[layer], None,
                                                   self.tallies[layer], first_image)
         flag = flag.bool()
@@ -277,7 +283,7 @@ class StreamProvider:
             self._it = self._image_batches()
         ids, x, nxt = next(self._it)
         t0 = time.perf_counter()
-        acts = self.adapter.capture(x, self.layers, stop_early=True) if ids else {}
+        acts = capture_pfv(self.adapter, x, self.layers) if ids else {}
         for n in self.layers:
             if not ids:
                 break

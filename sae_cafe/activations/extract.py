@@ -36,9 +36,10 @@ from ..errors import ArtifactError, ImageReadError, SaeCafeError, UnsupportedMod
 from ..image_source import ImageSource
 from ..images import SkipReport
 from ..model_record import record_for
-from ..models import ModelAdapter, get_adapter
+from ..models import ModelAdapter, PFVBatch, get_adapter
 from ..srd import srd_relevance
 from .outliers import OutlierTally, flag_outliers, prefix_kinds
+from .rows import capture_pfv, prefix_index, token_pfv
 from .shards import (
     CANONICAL_DTYPE,
     IMAGES_FILE,
@@ -84,15 +85,15 @@ class ExtractConfig:
 # ----- position selection ------------------------------------------------------------------------------------
 def _logit_relevance(adapter: ModelAdapter, x: torch.Tensor, layers: list[str]) -> tuple[
         dict[str, torch.Tensor], dict[str, torch.Tensor], str]:
-    """Relevance of each PFV position for the predicted logit: ``{layer: (B, N)}``, the activations and the
-    method used.
+    """Relevance of each PFV position for the predicted logit: ``{layer: (B, N)}``, the layers' PFVs
+    (:func:`.rows.capture_pfv`) and the method used.
 
     The method is ``"srd"`` (``sae_cafe.srd.srd_relevance``) or, for a model SRD has no rules for
     (:class:`UnsupportedModuleError`), ``"gradient_x_activation"`` summed over channels; the caller records
     which one in the manifest.
     """
     with torch.no_grad():
-        acts = adapter.capture(x, layers)
+        acts = capture_pfv(adapter, x, layers)
         target = adapter.model(x).argmax(-1)
     try:
         rel = srd_relevance(adapter, x, target, layers)
@@ -304,7 +305,7 @@ def extract_activations(model: ModelAdapter | torch.nn.Module, images: Any, laye
             else:
                 weights = None
                 with torch.no_grad():
-                    acts = adapter.capture(x, todo, stop_early=True)
+                    acts = capture_pfv(adapter, x, todo)
             for n in todo:
                 w = writers[n]
                 if n_img + b <= w.images_done:
@@ -382,65 +383,49 @@ def _upstream(source: ImageSource) -> dict[str, Path] | None:
     return None
 
 
-def layer_rows(adapter: ModelAdapter, act: torch.Tensor, first_image: int, cfg: ExtractConfig,
-          weights_BN: torch.Tensor | None, tally: OutlierTally | None = None, images_done: int = 0,
-          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Layer output → ``(rows (n, D), image (n,), pos (n, 2), kind (n,) uint8, outlier (n,) uint8)`` for the
-    images of one batch, the rows chosen by ``cfg.tokens`` / ``positions_per_image``. High-norm outliers are
-    flagged over every token of each image (stored or not) and counted in ``tally`` for images with index
-    ≥ ``images_done`` (a resumed batch is not counted twice)."""
-    batch = adapter.to_pfv(act.detach())
-    pfv, positions = batch.pfv, batch.positions.cpu()
+def layer_rows(adapter: ModelAdapter, act: torch.Tensor | PFVBatch, first_image: int, cfg: ExtractConfig,
+               weights_BN: torch.Tensor | None, tally: OutlierTally | None = None, images_done: int = 0,
+               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Layer output (raw, or its :class:`PFVBatch` from :func:`.rows.capture_pfv`) → ``(rows (n, D), image (n,),
+    pos (n, 2), kind (n,) uint8, outlier (n,) uint8)`` for the images of one batch: per image the rows of
+    ``cfg.tokens`` in :func:`.rows.token_pfv`'s order (kept prefix tokens at pos (-1, token index), then the grid
+    positions, ``positions_per_image`` of them when set). High-norm outliers are flagged over every token of each
+    image (stored or not) and counted in ``tally`` for images with index ≥ ``images_done`` (a resumed batch is
+    not counted twice)."""
+    batch = act if isinstance(act, PFVBatch) else adapter.to_pfv(act)
+    pfv = batch.pfv.detach()
+    positions = batch.positions.cpu()
     B, N, D = pfv.shape
-    extra_all = batch.extra if batch.extra is not None and batch.extra.shape[1] else None
-    kinds_e = prefix_kinds(adapter, extra_all.shape[1]) if extra_all is not None else []
+    extra_all = batch.extra.detach() if batch.extra is not None and batch.extra.shape[1] else None
+    E0 = extra_all.shape[1] if extra_all is not None else 0
+    kinds_e = prefix_kinds(adapter, E0) if E0 else []
     if adapter.kind == "tokens":
         flag_BN, ratio_BN, flag_BE, ratio_BE = flag_outliers(pfv, extra_all, cfg.outlier_k)
     else:  # CNN maps: positions are not tokens, and post-ReLU norms are heavy-tailed by design
-        E0 = extra_all.shape[1] if extra_all is not None else 0
         flag_BN, ratio_BN, flag_BE, ratio_BE = (torch.zeros(B, N, dtype=torch.bool), None,
                                                 torch.zeros(B, E0, dtype=torch.bool), None)
     if tally is not None:
         tally.add(flag_BN, ratio_BN, positions, flag_BE, ratio_BE, kinds_e, first_image, images_done)
-    patch_code = TOKEN_KINDS.index("patch")
-    if cfg.tokens == "cls":
-        if extra_all is None or "cls" not in kinds_e:
-            raise SaeCafeError(f"tokens='cls' but {adapter.name} gives no class token at this layer; use "
-                               "tokens='patch'")
-        e_idx = torch.tensor([j for j, k in enumerate(kinds_e) if k == "cls"])
-        E = e_idx.numel()
-        rows = extra_all[:, e_idx.to(extra_all.device)].reshape(B * E, D)
-        img = torch.arange(first_image, first_image + B).repeat_interleave(E)
-        pos = torch.stack([torch.full((E,), -1), e_idx], 1).repeat(B, 1)
-        flag = flag_BE[:, e_idx].reshape(-1)
-        return rows, img, pos, torch.full((B * E,), TOKEN_KINDS.index("cls"), dtype=torch.uint8), flag.to(
-            torch.uint8)
-    sel = _select(B, N, cfg.positions_per_image, cfg.seed, first_image, weights_BN)
-    extra = extra_all if cfg.tokens == "all" else None
-    E = extra.shape[1] if extra is not None else 0
-    if sel is None and extra is None:
-        rows = pfv.reshape(B * N, D)
-        img = torch.arange(first_image, first_image + B).repeat_interleave(N)
-        pos = positions.repeat(B, 1)
-        return rows, img, pos, torch.full((B * N,), patch_code, dtype=torch.uint8), \
-            flag_BN.reshape(-1).to(torch.uint8)
-    parts, imgs, poss, kinds, flags = [], [], [], [], []
-    extra_pos = torch.stack([torch.full((E,), -1), torch.arange(E)], 1) if E else None
-    extra_kind = kind_codes(kinds_e) if E else None
-    for i in range(B):
-        if E:
-            parts.append(extra[i])
-            poss.append(extra_pos)
-            imgs.append(torch.full((E,), first_image + i))
-            kinds.append(extra_kind)
-            flags.append(flag_BE[i])
-        idx = sel[i] if sel is not None else torch.arange(N)
-        parts.append(pfv[i, idx.to(pfv.device)])
-        poss.append(positions[idx])
-        imgs.append(torch.full((idx.numel(),), first_image + i))
-        kinds.append(torch.full((idx.numel(),), patch_code, dtype=torch.uint8))
-        flags.append(flag_BN[i, idx])
-    return torch.cat(parts), torch.cat(imgs), torch.cat(poss), torch.cat(kinds), torch.cat(flags).to(torch.uint8)
+    if cfg.tokens == "cls" and "cls" not in kinds_e:
+        raise SaeCafeError(f"tokens='cls' but {adapter.name} gives no class token at this layer; use "
+                           "tokens='patch'")
+    sel = None if cfg.tokens == "cls" else _select(B, N, cfg.positions_per_image, cfg.seed, first_image,
+                                                   weights_BN)
+    idx_BK = torch.stack(sel) if sel is not None else None  # (B, K) grid positions kept per image
+    rows = token_pfv(adapter, PFVBatch(pfv, batch.positions, batch.grid, extra_all), cfg.tokens, idx_BK)
+    T = rows.shape[1]
+    e_idx = prefix_index(adapter, E0, cfg.tokens)  # (E',) prefix tokens kept
+    pos = [torch.stack([torch.full((e_idx.numel(),), -1), e_idx], 1).expand(B, -1, 2)]
+    kind = [kind_codes([kinds_e[j] for j in e_idx.tolist()]).expand(B, -1)]
+    flag = [flag_BE[:, e_idx]]
+    if cfg.tokens != "cls":
+        K = N if idx_BK is None else idx_BK.shape[1]
+        pos.append(positions.expand(B, N, 2) if idx_BK is None else positions[idx_BK])
+        kind.append(torch.full((B, K), TOKEN_KINDS.index("patch"), dtype=torch.uint8))
+        flag.append(flag_BN if idx_BK is None else flag_BN.gather(1, idx_BK))
+    img = torch.arange(first_image, first_image + B).repeat_interleave(T)
+    return (rows.reshape(B * T, D), img, torch.cat(pos, 1).reshape(B * T, 2), torch.cat(kind, 1).reshape(-1),
+            torch.cat(flag, 1).reshape(-1).to(torch.uint8))
 
 
 def _count_kinds(w: ShardWriter) -> dict[str, int]:

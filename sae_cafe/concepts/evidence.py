@@ -24,10 +24,11 @@ from dataclasses import asdict, dataclass
 import torch
 import torch.nn.functional as F
 
+from ..activations.rows import layer_pfv
 from ..cafe.anchor import upsample_map
 from ..errors import MismatchError, SaeCafeError
 from ..models import get_adapter
-from ..saes import encode_pfv
+from ..saes import encode_images, encode_pfv
 from ..srd import srd_ierf_from_relevance
 
 #: names as in ``sae_cafe.concepts.label`` (calibration tables are keyed by them)
@@ -54,8 +55,9 @@ def world_tensor(adapter, images) -> torch.Tensor:
 class LatentProbe:
     """Differentiable activation of SAE latents at layer positions: ``probe(x, latent, pos)`` → (N,).
 
-    The PFVs are the adapter's (``capture`` + ``to_pfv``) and the latents ``sae_cafe.saes.encode_pfv``, as in
-    ``saes.encode_images``, but with the autograd graph kept.
+    The PFVs are :func:`sae_cafe.activations.rows.layer_pfv`'s and the latents ``sae_cafe.saes.encode_pfv``'s,
+    as in ``saes.encode_images`` (which ``maps`` uses), but with the autograd graph kept; only the exemplar rows
+    are encoded.
 
     ``x`` (N, 3, H, W) preprocessed images, ``latent``/``pos`` (N,) latent ids and flat positions (row-major
     layer grid). ``probe.maps(x)`` → all latents at all positions (N, P, S) without gradient.
@@ -70,8 +72,8 @@ class LatentProbe:
         self.grid = tuple(info.grid)
 
     def pfv(self, x: torch.Tensor) -> torch.Tensor:
-        act = self.adapter.capture(x, [self.layer], stop_early=True)[self.layer]
-        return self.adapter.to_pfv(act).pfv  # (N, P, D)
+        """Images (N, 3, H, W) → the layer's PFVs (N, P, D), in the caller's grad mode."""
+        return layer_pfv(self.adapter, x, self.layer).pfv
 
     def __call__(self, x: torch.Tensor, latent: torch.Tensor, pos: torch.Tensor) -> torch.Tensor:
         out = []
@@ -85,7 +87,8 @@ class LatentProbe:
 
     @torch.no_grad()
     def maps(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.cat([encode_pfv(self.sae, self.pfv(x[i:i + self.batch])).float()
+        """Images (N, 3, H, W) → latents (N, P, S) float32 (``saes.encode_images`` in batches of ``batch``)."""
+        return torch.cat([encode_images(self.sae, self.adapter, self.layer, x[i:i + self.batch])[1]
                           for i in range(0, x.shape[0], self.batch)])
 
     def encode_world(self, images) -> torch.Tensor:
