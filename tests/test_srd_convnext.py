@@ -211,6 +211,17 @@ def _explicit_post_mu(post, weight, padding, dilation, v, bias_map):
     return torch.where(zz > 0, num / zz.clamp_min(1e-300), torch.zeros_like(num)), z, valid.sum(1)[0] > 0
 
 
+def _explicit_back(mu, r, kernel, padding, dilation, size):
+    """Source relevance (N, S, H, W) = Σ_{q,k: p = q + k·d − pad} r_q·μ_k(q), one offset at a time."""
+    (kh, kw), (ph, pw), (dh, dw) = kernel, padding, dilation
+    N, S, h, w = r.shape
+    acc = torch.zeros(N, S, size[0] + 2 * ph, size[1] + 2 * pw, dtype=r.dtype)
+    for a in range(kh):
+        for b in range(kw):
+            acc[:, :, a * dh:a * dh + h, b * dw:b * dw + w] += r * mu[:, a * kw + b].unsqueeze(1)
+    return acc[:, :, ph:ph + size[0], pw:pw + size[1]]
+
+
 @pytest.mark.parametrize("C, kernel, padding, dilation, size", [
     (70, (7, 7), (3, 3), (1, 1), (9, 8)),  # ConvNeXt geometry, 3 blocks of R (32 + 32 + 6 rows)
     (40, (3, 3), (2, 2), (2, 2), (7, 7)),  # dilation
@@ -234,11 +245,19 @@ def test_post_rule_triangular_equals_sliced_and_explicit(C, kernel, padding, dil
     branch = Branch("v", ConvSpec(weight, (1, 1), padding, dilation, C, "dw", post), bias=torch.zeros(cout, dtype=F64))
     ref, z, reached = _explicit_post_mu(post, weight, padding, dilation, v, bias_map)
     scale = float(ref.abs().max())
-    tri = rules_post.post_branch_mu(branch, v, z, bias_map, form="triangular")
     sliced = rules_post.post_branch_mu(branch, v, z, bias_map, form="sliced")
     assert torch.isfinite(ref).all() and scale > 0
-    assert float((tri - sliced).abs().max()) <= 1e-12 * scale
-    assert float((tri - ref).abs().max()) <= 1e-12 * scale
+    assert float((sliced - ref).abs().max()) <= 1e-12 * scale
+    r = torch.randn(N, 3, *z_hw, dtype=F64, generator=g)
+    back_ref = _explicit_back(ref, r, kernel, padding, dilation, size)
+    for order in ("pairs", "rows", "bands"):  # the norms' three loop orders
+        with pytest.MonkeyPatch.context() as mp:
+            mp.setattr(rules_post, "FORCE_NORM_ORDER", order)
+            tri = rules_post.post_branch_mu(branch, v, z, bias_map, form="triangular")
+            back = rules_post.post_branch_back(branch, v, z, r, bias_map)
+        assert float((tri - ref).abs().max()) <= 1e-12 * scale, order
+        # the direct route (no per-path dots): Σ_{q,k: p = q+k} r_q·μ_k(q), per relevance map
+        assert float((back - back_ref).abs().max()) <= 1e-12 * float(back_ref.abs().max())
     active = ((z * z).sum(1) > 0) & reached  # targets with no in-bounds source keep their bias unexplained
     assert torch.allclose(tri.sum(1)[active], torch.ones((), dtype=F64), atol=1e-12)
     # the comparison can fail: offsets read in the wrong orientation give other ratios
@@ -246,6 +265,8 @@ def test_post_rule_triangular_equals_sliced_and_explicit(C, kernel, padding, dil
                      bias=branch.bias)
     broken = rules_post.post_branch_mu(flipped, v, z, bias_map, form="triangular")
     assert float((broken - ref).abs().max()) > 1e-3 * scale
+    broken_back = rules_post.post_branch_back(flipped, v, z, r, bias_map)
+    assert float((broken_back - back_ref).abs().max()) > 1e-3 * float(back_ref.abs().max())
 
 
 @pytest.mark.parametrize("C, kernel, padding, dilation, size", [
@@ -277,11 +298,19 @@ def test_post_rule_scale_and_parts_give_the_same_ratios(C, kernel, padding, dila
         assert scale > 0 and float((ours - ref).abs().max()) <= 1e-12 * scale, (form, parts is None)
     broken = rules_post.post_branch_mu(branch, v, z, bias, form="triangular", parts=(d, 2 * c), scale=s)
     assert float((broken - ref).abs().max()) > 1e-3 * scale
+    r = torch.randn(N, 2, *z_hw, dtype=F64, generator=g)
+    back_ref = _explicit_back(ref, r, kernel, padding, dilation, size)
+    for parts in ((d, c), None):
+        back = rules_post.post_branch_back(branch, v, z, r, bias, parts, s)
+        assert float((back - back_ref).abs().max()) <= 1e-12 * float(back_ref.abs().max()), parts is None
+    broken = rules_post.post_branch_back(branch, v, z, r, bias, (d, 2 * c), s)
+    assert float((broken - back_ref).abs().max()) > 1e-3 * float(back_ref.abs().max())
 
 
 def test_triangular_rule_matches_sliced_end_to_end():
-    """Wider CNBlocks (C = 40, 72: several blocks of R) in float64: saliency, hidden relevance and iERFs with
-    the triangular form equal those of the sliced form (the rule used before) to 1e-12."""
+    """Wider CNBlocks (C = 40, 72: several blocks of R) in float64: saliency and hidden relevance by the direct
+    route (triangular norms) and iERFs by μ in the triangular form equal those of μ in the sliced form (the
+    rule used before) to 1e-12."""
     torch.manual_seed(7)
     model = randomize(ConvNeXt([CNBlockConfig(40, 72, 1), CNBlockConfig(72, None, 1)], num_classes=4), 7,
                       True).double()
@@ -294,13 +323,13 @@ def test_triangular_rule_matches_sliced_end_to_end():
         ierf = srd_ierf(model, x, "features.3.0", (2, 3), dtype=F64)
         return [sal, ierf, *rel.values()]
 
-    ours = run()
-    orig = rules_post.post_branch_mu
-    rules_post.post_branch_mu = functools.partial(orig, form="sliced")
+    ours = run()  # saliency by the direct route (post_branch_back), iERFs by μ
+    orig, direct = rules_post.post_branch_mu, rules_post.DIRECT_MAX_MAPS
+    rules_post.post_branch_mu, rules_post.DIRECT_MAX_MAPS = functools.partial(orig, form="sliced"), 0
     try:
-        before = run()
+        before = run()  # every map by μ in the sliced form
     finally:
-        rules_post.post_branch_mu = orig
+        rules_post.post_branch_mu, rules_post.DIRECT_MAX_MAPS = orig, direct
     for a, b in zip(ours, before):
         assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
     assert float(ours[0].abs().max()) > 0 and float(ours[1].sum()) == pytest.approx(2.0, abs=1e-12)

@@ -122,6 +122,13 @@ class SRDRun:
                 continue
             N, S = r.shape[:2]
             moved = 0.0
+            back = self._direct_back(i, r)
+            if back is not None:  # one post-matrix branch, few maps: relevance routed without forming μ
+                src = stage.branches[0].source
+                rel[src] = rel[src] + back if src in rel else back
+                if deltas is not None:
+                    deltas[stage.target] = float((back.sum() - r.sum()).abs())
+                continue
             for br, m in zip(stage.branches, self.mu(i)):
                 src = self.post[br.source]
                 pooled_hw = self._pool(br)[0].shape[-2:] if br.pool is not None else None
@@ -138,6 +145,22 @@ class SRDRun:
         if inp is None:
             inp = torch.zeros(self.x.shape[0], 1, *self.x.shape[-2:], dtype=self.x.dtype, device=self.x.device)
         return inp, recorded
+
+    def _direct_back(self, i: int, r: torch.Tensor) -> torch.Tensor | None:
+        """Source relevance (N, S, H, W) of stage ``i`` by :func:`~sae_cafe.srd.rules_post.post_branch_back` (the
+        μ route's numbers, in another order of sums), when the stage is one depthwise + post-matrix branch, its μ
+        is not computed yet and at most ``DIRECT_MAX_MAPS`` maps per image are propagated; else None."""
+        stage = self.graph.stages[i]
+        if i in self._mu or len(stage.branches) != 1 or r.shape[1] > rules_post.DIRECT_MAX_MAPS:
+            return None
+        br = stage.branches[0]
+        if br.conv is None or br.conv.post is None or br.pool is not None or hasattr(br, "path_mu"):
+            return None
+        z, rec = self.pre[stage.target], self.frozen.get((i, 0))
+        if rec is None:
+            return rules_post.post_branch_back(br, self.post[br.source], z, r)
+        return rules_post.post_branch_back(br, rec.source, z, r, rec.bias, getattr(rec, "node_parts", None),
+                                           rec.scale)
 
     # ----- head: top relevance ---------------------------------------------------------------------------
     def logits(self) -> torch.Tensor:

@@ -41,6 +41,15 @@ from .graph import Branch, ConvSpec
 _CHUNK_BYTES = 1 << 21  # bytes of source vectors (u) per chunk of kernel offsets (sliced form)
 _BLOCK = 32  # rows of R per GEMM block (triangular form); 24-48 measured equal, 96+ slower on ConvNeXt-T
 _BAND_BYTES = 1 << 22  # bytes of y = R·diag(w_k)·v per band of source rows and block (cache-sized)
+_ROW_GROUP_MIN = 400  # source positions per batch from which the norms' GEMMs go per kernel row (measured)
+_PAIRS_MAX_VALID = 0.65  # share of in-bounds paths up to which the norms go over gathered paths (small maps)
+_PAIRS_BLOCK = 64  # rows of R per GEMM block over gathered paths (32-64 measured equal)
+_PAIRS_CHUNK = 4096  # gathered paths per GEMM
+_PAIRS_MAX_BYTES = 1 << 26  # at most this many bytes of gathered path vectors (else another loop order)
+#: force one loop order of :func:`_triangular_norms` ("pairs", "rows", "bands"; tests); None: by size
+FORCE_NORM_ORDER: str | None = None
+#: at most this many relevance maps per image go through :func:`post_branch_back` (else μ, then scatter)
+DIRECT_MAX_MAPS = 2
 # per post matrix: (depthwise weight it was built with, Q (C', C), [(i0, i1, R·diag(w_k) stacked (C−i0, K·b))])
 _FACTORS: WeakIdKeyDictionary = WeakIdKeyDictionary()
 #: a node known as ``scale·post·d + c``: d (N, h, w, C) the depthwise output (its bias included), channel-last;
@@ -77,7 +86,7 @@ def _factors(conv: ConvSpec) -> tuple[torch.Tensor, list[tuple[int, int, torch.T
         m = r[i0:i1, i0:].T.unsqueeze(1) * w[i0:].unsqueeze(2)  # (C − i0, K, b): [c, k', j] = R[j, c]·w_k'[c]
         mats.append((i0, i1, m.reshape(C - i0, -1).to(conv.post.dtype)))
     q = q.to(conv.post.dtype)
-    _FACTORS[conv.post] = (conv.weight, q, mats)
+    _FACTORS[conv.post] = (conv.weight, q, mats, r.to(conv.post.dtype))
     return q, mats
 
 
@@ -111,35 +120,136 @@ def _triangular_paths(conv: ConvSpec, v: torch.Tensor, z: torch.Tensor, need_nor
                       band_bytes: int = _BAND_BYTES, parts: BiasParts | None = None,
                       scale: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """Stride-1 dots ⟨post (w_k ⊙ v_p), z_q⟩ and norms ‖post (w_k ⊙ v_p)‖ per path, (N, K, h, w) each (norm None
-    without a bias): norms by the triangular source-side form (module docstring), dots on the target side from
-    g = postᵀz (:func:`_target_dots`). ``v`` (N, C, H, W), ``z`` (N, C', h, w); ``parts``: the node's
+    without a bias): norms by the triangular source-side form (:func:`_triangular_norms`), dots on the target
+    side from g = postᵀz (:func:`_target_dots`). ``v`` (N, C, H, W), ``z`` (N, C', h, w); ``parts``: the node's
     structure, when known (:func:`_g_from_parts`, with ``scale``)."""
-    g = (z.permute(0, 2, 3, 1) @ conv.post if parts is None else _g_from_parts(conv, parts, scale))  # (N, h, w, C)
-    dot = _target_dots(conv, v, g.contiguous())
-    if not need_norm:
-        return dot, None
-    _, mats = _factors(conv)
+    dot = _target_dots(conv, v, _post_t_z(conv, z, parts, scale))
+    return dot, (_triangular_norms(conv, v, z.shape[-2:], band_bytes) if need_norm else None)
+
+
+def _post_t_z(conv: ConvSpec, z: torch.Tensor, parts: BiasParts | None, scale: torch.Tensor | None
+              ) -> torch.Tensor:
+    """g = postᵀz_q, channel-last and contiguous (N, h, w, C)."""
+    g = z.permute(0, 2, 3, 1) @ conv.post if parts is None else _g_from_parts(conv, parts, scale)
+    return g.contiguous()
+
+
+def _valid_range(a: int, dil: int, pad: int, out: int, size: int) -> tuple[int, int]:
+    """Source rows [lo, hi) whose target row ``y + pad − a·dil`` under kernel row ``a`` is in [0, out)."""
+    return max(0, a * dil - pad), min(size, a * dil - pad + out)
+
+
+def _r_factor(conv: ConvSpec) -> torch.Tensor:
+    """R (C, C) of post = Q R (upper triangular, cached with :func:`_factors`)."""
+    _factors(conv)
+    return _FACTORS[conv.post][3]
+
+
+def _in_bounds(a: int, dil: int, pad: int, size: int, out: int) -> tuple[int, int]:
+    """Targets [lo, hi) of kernel offset ``a`` (one axis) whose source ``i + a·dil − pad`` is in [0, size)."""
+    return max(0, pad - a * dil), min(out, pad - a * dil + size)
+
+
+def _norm_order(conv: ConvSpec, v: torch.Tensor, hw: tuple[int, int]) -> str:
+    """Loop order of :func:`_triangular_norms` for this map (measured on ConvNeXt-T, 2 threads)."""
+    if FORCE_NORM_ORDER is not None:
+        return FORCE_NORM_ORDER
     N, C, H, W = v.shape
     (kh, kw), (ph, pw), (dh, dw) = conv.kernel, conv.padding, conv.dilation
-    h, w = z.shape[-2:]
-    vc = v.permute(2, 0, 3, 1).contiguous()  # (H, N, W, C): a band of rows is one matrix for every batch size
+    rows = sum(max(0, hi - lo) for a in range(kh) for lo, hi in [_in_bounds(a, dh, ph, H, hw[0])])
+    cols = sum(max(0, hi - lo) for b in range(kw) for lo, hi in [_in_bounds(b, dw, pw, W, hw[1])])
+    if rows * cols <= _PAIRS_MAX_VALID * kh * kw * hw[0] * hw[1] and \
+            N * rows * cols * C * v.element_size() <= _PAIRS_MAX_BYTES:
+        return "pairs"
+    return "rows" if N * H * W >= _ROW_GROUP_MIN else "bands"
+
+
+def _pair_norms(conv: ConvSpec, v: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
+    """‖R (w_k ⊙ v_p)‖² (N, K, h, w) over the in-bounds paths only: their vectors u = w_k ⊙ v_p gathered into
+    one matrix (one product per offset), then one GEMM per block of R's rows (its triangle: (m+1)/(2m) of
+    the dense multiply-adds) and chunk of paths. On small maps most of a 7×7 window lies in the padding (43 %
+    of the paths on a 7×7 map), which the per-source forms compute and discard."""
+    N, C, H, W = v.shape
+    (kh, kw), (ph, pw), (dh, dw) = conv.kernel, conv.padding, conv.dilation
+    h, w = hw
+    r = _r_factor(conv)
+    vp = F.pad(v, (pw, pw, ph, ph)).permute(0, 2, 3, 1)  # (N, Hp, Wp, C)
+    wk = conv.weight.reshape(C, kh * kw).T  # (K, C)
+    rects, total = [], 0
+    for a in range(kh):
+        i0, i1 = _in_bounds(a, dh, ph, H, h)
+        for b in range(kw):
+            j0, j1 = _in_bounds(b, dw, pw, W, w)
+            if i1 > i0 and j1 > j0:
+                rects.append((a * kw + b, i0, i1, j0, j1, total))
+                total += N * (i1 - i0) * (j1 - j0)
+    u = v.new_empty(total, C)
+    for k, i0, i1, j0, j1, o in rects:
+        a, b = divmod(k, kw)
+        src = vp[:, i0 + a * dh:i1 + a * dh, j0 + b * dw:j1 + b * dw]
+        torch.mul(src, wk[k], out=u[o:o + src[..., 0].numel()].view(src.shape))
+    sq = v.new_empty(total)
+    for c0 in range(0, total, _PAIRS_CHUNK):
+        c1, acc = min(total, c0 + _PAIRS_CHUNK), 0
+        for r0 in range(0, C, _PAIRS_BLOCK):
+            y = u[c0:c1, r0:] @ r[r0:r0 + _PAIRS_BLOCK, r0:].T  # rows r0.. of R: channels ≥ r0 only
+            acc = acc + torch.linalg.vector_norm(y, dim=-1).square()
+        sq[c0:c1] = acc
+    out = v.new_zeros(N, kh * kw, h, w)
+    for k, i0, i1, j0, j1, o in rects:
+        out[:, k, i0:i1, j0:j1] = sq[o:o + N * (i1 - i0) * (j1 - j0)].view(N, i1 - i0, j1 - j0)
+    return out
+
+
+def _triangular_norms(conv: ConvSpec, v: torch.Tensor, hw: tuple[int, int], band_bytes: int = _BAND_BYTES
+                      ) -> torch.Tensor:
+    """‖post (w_k ⊙ v_p)‖ per path (N, K, h, w), stride 1, by the triangular form (module docstring).
+
+    Three loop orders, all exact (:func:`_norm_order` picks by size): ``pairs`` on small maps
+    (:func:`_pair_norms`); ``rows`` on maps with at least ``_ROW_GROUP_MIN`` source positions per batch: one
+    GEMM per (kernel row, block of R) over only the source rows whose target exists under that kernel row
+    (6-23 % of the border paths skipped on ConvNeXt-T's 56-14 px maps, and the 7·b-column output stays in
+    cache); ``bands`` otherwise: one GEMM per block over all offsets and cache-sized bands of rows (fewer,
+    larger GEMMs)."""
+    N, C, H, W = v.shape
+    (kh, kw), (ph, pw), (dh, dw) = conv.kernel, conv.padding, conv.dilation
+    h, w = hw
     K = kh * kw
-    # cache-sized bands of source rows, but at least ~512 GEMM rows (batch 4 at 56×56: 1-row bands measured slow)
-    band = min(H, max(band_bytes // max(1, N * W * K * _BLOCK * v.element_size()), -(-512 // (N * W))))
-    sqs = []
-    for t0 in range(0, H, band):
-        t1 = min(H, t0 + band)
-        ub, sq = vc[t0:t1], 0
-        for i0, i1, mat in mats:
-            y = (ub[..., i0:] @ mat).view(t1 - t0, N, W, kh, kw, i1 - i0)  # rows i0:i1 of R·diag(w_k)·v_p
-            sq = sq + torch.linalg.vector_norm(y, dim=-1).square()  # one fused pass (faster than vecdot(y, y))
-        sqs.append(sq)
+    order = _norm_order(conv, v, hw)
+    if order == "pairs":
+        return _safe_sqrt(_pair_norms(conv, v, hw))
+    _, mats = _factors(conv)
+    vc = v.permute(2, 0, 3, 1).contiguous()  # (H, N, W, C): a band of rows is one matrix for every batch size
+    if order == "rows":
+        sq = v.new_zeros(H, N, W, kh, kw)
+        for a in range(kh):  # reversed kernel row a' = kh − 1 − a (the order of the stacked columns)
+            y0, y1 = _valid_range(kh - 1 - a, dh, ph, h, H)
+            if y1 <= y0:
+                continue
+            acc = 0
+            for i0, i1, mat in mats:
+                b = i1 - i0
+                y = (vc[y0:y1, ..., i0:] @ mat[:, a * kw * b:(a + 1) * kw * b]).view(y1 - y0, N, W, kw, b)
+                acc = acc + torch.linalg.vector_norm(y, dim=-1).square()
+            sq[y0:y1, :, :, a] = acc
+    else:
+        # cache-sized bands of source rows, but at least ~512 GEMM rows (batch 4 at 56×56: 1-row bands slow)
+        band = min(H, max(band_bytes // max(1, N * W * K * _BLOCK * v.element_size()), -(-512 // (N * W))))
+        sqs = []
+        for t0 in range(0, H, band):
+            t1 = min(H, t0 + band)
+            ub, acc = vc[t0:t1], 0
+            for i0, i1, mat in mats:
+                y = (ub[..., i0:] @ mat).view(t1 - t0, N, W, kh, kw, i1 - i0)  # rows i0:i1 of R·diag(w_k)·v_p
+                acc = acc + torch.linalg.vector_norm(y, dim=-1).square()  # one fused pass (faster than vecdot)
+            sqs.append(acc)
+        sq = torch.cat(sqs)
     # per source and reversed offset (N, H, W, kh, kw) → per target and offset (N, K, h, w)
     sp = v.new_zeros(N, H + 2 * ph, W + 2 * pw, kh, kw)
-    sp[:, ph:ph + H, pw:pw + W] = torch.cat(sqs).transpose(0, 1).flip(3, 4)
+    sp[:, ph:ph + H, pw:pw + W] = sq.transpose(0, 1).flip(3, 4)
     a, b, c, d, e = sp.stride()
     t = sp.as_strided((N, h, w, kh, kw), (a, b, c, dh * b + d, dw * c + e))  # sp[n, q + k·d, k]
-    return dot, _safe_sqrt(t.reshape(N, h, w, K).permute(0, 3, 1, 2).contiguous())
+    return _safe_sqrt(t.reshape(N, h, w, K).permute(0, 3, 1, 2).contiguous())
 
 
 def _sliced_paths(conv: ConvSpec, v: torch.Tensor, z: torch.Tensor, need_norm: bool, max_bytes: int
@@ -168,6 +278,35 @@ def _sliced_paths(conv: ConvSpec, v: torch.Tensor, z: torch.Tensor, need_norm: b
     return dot, (torch.cat(norms).transpose(0, 1) if need_norm else None)
 
 
+def _check_branch(branch: Branch, v: torch.Tensor) -> None:
+    conv, C = branch.conv, v.shape[1]
+    if branch.pool is not None or conv.groups != C or tuple(conv.weight.shape[:2]) != (C, 1):
+        raise UnsupportedModuleError(f"{conv.name}: a post matrix is only supported after a depthwise conv "
+                                     "(groups = channels, one filter per channel) without a max-pool")
+
+
+def _inverse_norm2(z: torch.Tensor) -> torch.Tensor:
+    """1/‖z_q‖² per target (N, h', w'), 0 where z_q = 0 (μ = 0 there)."""
+    zz = (z * z).sum(1)
+    return torch.where(zz > 0, 1.0 / torch.where(zz > 0, zz, torch.ones_like(zz)), torch.zeros_like(zz))
+
+
+def _bias_terms(branch: Branch, v: torch.Tensor, z: torch.Tensor, norm: torch.Tensor,
+                bias_map: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each path's share of the bias (N, K, h', w'): norm-proportional, an equal split over in-bounds paths where
+    every contribution is zero; and ⟨b_q, z_q⟩ (N, h', w')."""
+    conv = branch.conv
+    bz = ((bias_map if bias_map is not None else branch.bias.view(1, -1, 1, 1)) * z).sum(1)
+    total = norm.sum(1, keepdim=True)
+    frac = norm / torch.where(total > 0, total, torch.ones_like(total))
+    if not (total > 0).all():  # every contribution is zero: share the bias equally over in-bounds paths
+        (ph, pw), (h, w) = conv.padding, z.shape[-2:]
+        ones = F.pad(torch.ones_like(v[:1, :1]), (pw, pw, ph, ph)).permute(0, 2, 3, 1)
+        valid = torch.stack([_offset_slices(ones, k, conv, (h, w))[..., 0] for k in range(conv.n_offsets)], 1)
+        frac = torch.where(total > 0, frac, valid / valid.sum(1, keepdim=True).clamp_min(1))
+    return frac, bz
+
+
 def post_branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, bias_map: torch.Tensor | None = None,
                    max_bytes: int = 1 << 28, form: str | None = None, parts: BiasParts | None = None,
                    scale: torch.Tensor | None = None) -> torch.Tensor:
@@ -186,17 +325,13 @@ def post_branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, bias_map: t
     gets postᵀz from d (:func:`_g_from_parts`, C² instead of C'·C multiply-adds per target).
     """
     conv = branch.conv
-    C = v.shape[1]
-    if branch.pool is not None or conv.groups != C or tuple(conv.weight.shape[:2]) != (C, 1):
-        raise UnsupportedModuleError(f"{conv.name}: a post matrix is only supported after a depthwise conv "
-                                     "(groups = channels, one filter per channel) without a max-pool")
+    _check_branch(branch, v)
     if form is None:
         grad = torch.is_grad_enabled() and (v.requires_grad or z.requires_grad)
         form = "triangular" if conv.stride == (1, 1) and not grad else "sliced"
     if form == "triangular" and conv.stride != (1, 1):
         raise UnsupportedModuleError(f"{conv.name}: the triangular form needs stride 1, got {conv.stride}")
-    zz = (z * z).sum(1)
-    inv = torch.where(zz > 0, 1.0 / torch.where(zz > 0, zz, torch.ones_like(zz)), torch.zeros_like(zz))
+    inv = _inverse_norm2(z)
     need_norm = branch.bias is not None or bias_map is not None
     dot, norm = (_triangular_paths(conv, v, z, need_norm, parts=parts, scale=scale) if form == "triangular" else
                  _sliced_paths(conv, v, z, need_norm, max_bytes))
@@ -204,12 +339,41 @@ def post_branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, bias_map: t
         dot = dot * scale
     if not need_norm:
         return dot * inv.unsqueeze(1)
-    bz = ((bias_map if bias_map is not None else branch.bias.view(1, -1, 1, 1)) * z).sum(1)
-    total = norm.sum(1, keepdim=True)
-    frac = norm / torch.where(total > 0, total, torch.ones_like(total))
-    if not (total > 0).all():  # every contribution is zero: share the bias equally over in-bounds paths
-        (ph, pw), (h, w) = conv.padding, z.shape[-2:]
-        ones = F.pad(torch.ones_like(v[:1, :1]), (pw, pw, ph, ph)).permute(0, 2, 3, 1)
-        valid = torch.stack([_offset_slices(ones, k, conv, (h, w))[..., 0] for k in range(conv.n_offsets)], 1)
-        frac = torch.where(total > 0, frac, valid / valid.sum(1, keepdim=True).clamp_min(1))
+    frac, bz = _bias_terms(branch, v, z, norm, bias_map)
     return (dot + frac * bz.unsqueeze(1)) * inv.unsqueeze(1)
+
+
+def post_branch_back(branch: Branch, v: torch.Tensor, z: torch.Tensor, r: torch.Tensor,
+                     bias_map: torch.Tensor | None = None, parts: BiasParts | None = None,
+                     scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """Source relevance (N, S, H, W) of target relevance ``r`` (N, S, h', w') routed by the μ of
+    :func:`post_branch_mu` — Σ_{q,k: p = q+k} r_q·μ_k(q) — without forming the per-path dots; None where the
+    triangular form does not apply (stride ≠ 1, autograd).
+
+    Same algebra, another order of sums: with ρ_q = r_q·s_q/‖z_q‖² and g = postᵀz, the dot part is
+    Σ_c v_p[c]·Σ_k w_k[c]·(ρ g)_{p−k}[c], one transposed depthwise conv of the C-channel map ρ·g per relevance
+    map (K·C multiply-adds per position in one library kernel instead of K per-offset products and
+    matrix-vector products); the bias part r_q·frac_k(q)·⟨b_q, z_q⟩/‖z_q‖² is scattered by the conv's
+    geometry as in the μ route. Equal to the μ route up to float rounding (tests: float64, 1e-12); pays off for a
+    few relevance maps per image (saliency), while many seeds (iERFs) share one μ.
+    """
+    conv = branch.conv
+    _check_branch(branch, v)
+    grad = torch.is_grad_enabled() and (v.requires_grad or z.requires_grad or r.requires_grad)
+    if conv.stride != (1, 1) or grad:
+        return None
+    from .rules import _transpose, make_scatter  # rules imports this module lazily (branch_mu)
+
+    N, S = r.shape[:2]
+    C, (H, W) = v.shape[1], v.shape[-2:]
+    inv = _inverse_norm2(z)
+    rho = r * inv.unsqueeze(1) if scale is None else r * (inv.unsqueeze(1) * scale)  # (N, S, h', w')
+    g = _post_t_z(conv, z, parts, scale).permute(0, 3, 1, 2)  # (N, C, h', w')
+    y = (rho.unsqueeze(2) * g.unsqueeze(1)).flatten(0, 1)  # (N·S, C, h', w')
+    t = _transpose(y, conv.weight, conv.stride, conv.padding, conv.dilation, (H, W), C)  # (N·S, C, H, W)
+    back = torch.linalg.vecdot(t.view(N, S, C, H, W), v.unsqueeze(1), dim=2)  # (N, S, H, W)
+    if branch.bias is None and bias_map is None:
+        return back
+    frac, bz = _bias_terms(branch, v, z, _triangular_norms(conv, v, z.shape[-2:]), bias_map)
+    m = frac.unsqueeze(1) * (r * (bz * inv).unsqueeze(1)).unsqueeze(2)  # (N, S, K, h', w')
+    return back + make_scatter(branch, (H, W), None)(m.flatten(0, 1)).view(N, S, H, W)
