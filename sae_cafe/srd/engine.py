@@ -86,7 +86,7 @@ class SRDRun:
                 if hasattr(br, "path_mu"):  # a branch with its own paths (e.g. Swin window attention)
                     mus.append(br.path_mu(self.post[br.source], z, self.out.get((i, j)), rec))
                 elif rec is None:
-                    mus.append(branch_mu(br, self.post[br.source], z, self.out[i, j], pooled, idx))
+                    mus.append(_branch_mu(br, self.post[br.source], z, self.out[i, j], pooled, idx))
                 else:
                     mus.append(_frozen_mu(br, rec, z, self.out[i, j]))
             self._mu[i] = mus
@@ -200,6 +200,15 @@ class SRDRun:
         return chan + bias
 
 
+def _branch_mu(br: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tensor, pooled: torch.Tensor | None,
+               idx: torch.Tensor | None, bias_map: torch.Tensor | None = None) -> torch.Tensor:
+    """μ of one branch: :func:`~sae_cafe.srd.rules_post.post_branch_mu` for a depthwise conv with a post matrix,
+    else :func:`~sae_cafe.srd.rules.branch_mu`."""
+    if br.conv is not None and br.conv.post is not None:
+        return rules_post.post_branch_mu(br, v, z, bias_map)
+    return branch_mu(br, v, z, out, pooled, idx, bias_map=bias_map)
+
+
 def _frozen_mu(br: Branch, rec: FrozenAffine, z: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
     """μ of a branch ``z_b = s_q·conv(u)_q + b_q`` with a frozen per-target scale s_q > 0 and bias map b_q.
 
@@ -209,7 +218,7 @@ def _frozen_mu(br: Branch, rec: FrozenAffine, z: torch.Tensor, out: torch.Tensor
     """
     bias = rec.bias
     if rec.scale is None:
-        return branch_mu(br, rec.source, z, out, None, None, bias_map=bias)
+        return _branch_mu(br, rec.source, z, out, None, None, bias_map=bias)
     if br.conv is not None and br.conv.post is not None:  # the same ratios without dividing the maps by s
         return rules_post.post_branch_mu(br, rec.source, z, bias, scale=rec.scale,
                                          parts=getattr(rec, "node_parts", None))

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
 
+from ..errors import UnsupportedModuleError
 from .graph import Branch, MaxPoolSpec
 
 Scatter = Callable[[torch.Tensor], torch.Tensor]  # (B, J, h', w') -> (B, 1, h, w)
@@ -291,9 +292,9 @@ def branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, out: torch.Tenso
     affine maps such as a LayerNorm with frozen statistics). Path j = o·K + k. Memory is bounded by
     ``max_bytes`` per chunk of kernel offsets.
     """
-    if branch.conv is not None and branch.conv.post is not None:  # depthwise conv + fixed matrix
-        from .rules_post import post_branch_mu
-        return post_branch_mu(branch, v, z, bias_map, max_bytes)
+    if branch.conv is not None and branch.conv.post is not None:
+        raise UnsupportedModuleError(f"{branch.conv.name}: a depthwise conv with a post matrix has its own rule, "
+                                     "sae_cafe.srd.rules_post.post_branch_mu")
     zz = (z * z).sum(1)
     inv = torch.where(zz > 0, 1.0 / torch.where(zz > 0, zz, torch.ones_like(zz)), torch.zeros_like(zz))
     conv, (h, w) = branch.conv, z.shape[-2:]

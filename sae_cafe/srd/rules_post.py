@@ -37,6 +37,7 @@ from torch.utils.weak import WeakIdKeyDictionary
 
 from ..errors import UnsupportedModuleError
 from .graph import Branch, ConvSpec
+from .rules import _transpose, make_scatter
 
 _CHUNK_BYTES = 1 << 21  # bytes of source vectors (u) per chunk of kernel offsets (sliced form)
 _BLOCK = 32  # rows of R per GEMM block (triangular form); 24-48 measured equal, 96+ slower on ConvNeXt-T
@@ -362,8 +363,6 @@ def post_branch_back(branch: Branch, v: torch.Tensor, z: torch.Tensor, r: torch.
     grad = torch.is_grad_enabled() and (v.requires_grad or z.requires_grad or r.requires_grad)
     if conv.stride != (1, 1) or grad:
         return None
-    from .rules import _transpose, make_scatter  # rules imports this module lazily (branch_mu)
-
     N, S = r.shape[:2]
     C, (H, W) = v.shape[1], v.shape[-2:]
     inv = _inverse_norm2(z)
