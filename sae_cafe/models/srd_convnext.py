@@ -57,6 +57,21 @@ class PartsAffine(FrozenAffine):
     (:func:`sae_cafe.srd.rules_post.post_branch_mu`)."""
 
     node_parts: tuple[torch.Tensor, torch.Tensor] | None = None
+    #: (p, c), both (C_out,): the bias map is scale·p + c, built only when read (:meth:`bias_map`); ⟨b_q, z_q⟩
+    #: comes from two dot products per target instead (:meth:`bias_dot`)
+    bias_vectors: tuple[torch.Tensor, torch.Tensor] | None = None
+
+    def bias_map(self) -> torch.Tensor | None:
+        if self.bias is None and self.bias_vectors is not None:
+            p, c = self.bias_vectors
+            self.bias = self.scale * p.view(1, -1, 1, 1) + c.view(1, -1, 1, 1)
+        return self.bias
+
+    def bias_dot(self, z: torch.Tensor) -> torch.Tensor | None:
+        if self.bias is not None or self.bias_vectors is None:
+            return super().bias_dot(z)
+        pc = z.permute(0, 2, 3, 1) @ torch.stack(self.bias_vectors, 1)  # (N, h', w', 2): ⟨p, z_q⟩, ⟨c, z_q⟩
+        return self.scale[:, 0] * pc[..., 0] + pc[..., 1]
 
 
 def _inv_sigma(t: torch.Tensor, dim: int, eps: float) -> torch.Tensor:
@@ -147,8 +162,7 @@ def _block_stages(name: str, block: nn.Module, source: str, dtype: torch.dtype) 
         s = _inv_sigma(d, -1, eps).permute(0, 3, 1, 2)  # (N, 1, h, w)
         ln = F.layer_norm(d, gamma.shape, gamma, beta, eps)
         h = F.linear(ln, w1, b1).permute(0, 3, 1, 2)
-        return PartsAffine(h, v, s, s * post_b.view(1, -1, 1, 1) + const_b.view(1, -1, 1, 1),
-                           node_parts=(d, const_b))
+        return PartsAffine(h, v, s, node_parts=(d, const_b), bias_vectors=(post_b, const_b))
 
     inner = f"{name}.block.4"
     first = Stage(inner, [Branch(source, _spec(dw, w_dw, f"{name}.block.0", post), freeze=freeze)],
@@ -160,7 +174,7 @@ def _block_stages(name: str, block: nn.Module, source: str, dtype: torch.dtype) 
         raise UnsupportedModuleError(f"{name}.layer_scale: shape {tuple(block.layer_scale.shape)} has no SRD rule")
 
     def second(u: torch.Tensor) -> torch.Tensor:  # the model's ops: layer_scale · Linear2(GELU(h))
-        return ls.view(1, -1, 1, 1) * F.linear(u.permute(0, 2, 3, 1), w2, b2).permute(0, 3, 1, 2)
+        return (F.linear(u.permute(0, 2, 3, 1), w2, b2) * ls).permute(0, 3, 1, 2)  # scaled channel-last
 
     proj = Branch(inner, ConvSpec((ls.view(-1, 1) * w2)[:, :, None, None], name=f"{name}.block.5"), None,
                   ls * b2, second)

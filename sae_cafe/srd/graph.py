@@ -116,6 +116,16 @@ class FrozenAffine:
     bias: torch.Tensor | None = None
     transform: Callable[[torch.Tensor], torch.Tensor] | None = None
 
+    def bias_map(self) -> torch.Tensor | None:
+        """The per-target bias (N, C_out, h', w'), or None for the branch's constant ``bias`` (read it through
+        this method: a subclass may build it on first use)."""
+        return self.bias
+
+    def bias_dot(self, z: torch.Tensor) -> torch.Tensor | None:
+        """⟨b_q, z_q⟩ (N, h', w') of the per-target bias with a node map ``z`` (N, C_out, h', w'), or None."""
+        b = self.bias_map()
+        return None if b is None else torch.linalg.vecdot(b, z, dim=1)
+
 
 @dataclass
 class Branch:
@@ -134,7 +144,9 @@ class Branch:
         out = self.conv(t) if self.conv is not None else t
         if rec.scale is not None:
             out = out * rec.scale
-        bias = rec.bias if rec.bias is not None else (self.bias.view(1, -1, 1, 1) if self.bias is not None else None)
+        bias = rec.bias_map()
+        if bias is None and self.bias is not None:
+            bias = self.bias.view(1, -1, 1, 1)
         return out + bias if bias is not None else out
 
     def forward(self, u: torch.Tensor) -> torch.Tensor:

@@ -287,17 +287,19 @@ def _check_branch(branch: Branch, v: torch.Tensor) -> None:
 
 
 def _inverse_norm2(z: torch.Tensor) -> torch.Tensor:
-    """1/‖z_q‖² per target (N, h', w'), 0 where z_q = 0 (μ = 0 there)."""
-    zz = (z * z).sum(1)
+    """1/‖z_q‖² per target (N, h', w'), 0 where z_q = 0 (μ = 0 there); one pass over z, no temporary."""
+    zz = torch.linalg.vector_norm(z, dim=1).square()
     return torch.where(zz > 0, 1.0 / torch.where(zz > 0, zz, torch.ones_like(zz)), torch.zeros_like(zz))
 
 
 def _bias_terms(branch: Branch, v: torch.Tensor, z: torch.Tensor, norm: torch.Tensor,
-                bias_map: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
+                bias_map: torch.Tensor | None, bias_dot: torch.Tensor | None = None
+                ) -> tuple[torch.Tensor, torch.Tensor]:
     """Each path's share of the bias (N, K, h', w'): norm-proportional, an equal split over in-bounds paths where
-    every contribution is zero; and ⟨b_q, z_q⟩ (N, h', w')."""
+    every contribution is zero; and ⟨b_q, z_q⟩ (N, h', w') (``bias_dot`` when given)."""
     conv = branch.conv
-    bz = ((bias_map if bias_map is not None else branch.bias.view(1, -1, 1, 1)) * z).sum(1)
+    bz = bias_dot if bias_dot is not None else torch.linalg.vecdot(
+        bias_map if bias_map is not None else branch.bias.view(1, -1, 1, 1), z, dim=1)
     total = norm.sum(1, keepdim=True)
     frac = norm / torch.where(total > 0, total, torch.ones_like(total))
     if not (total > 0).all():  # every contribution is zero: share the bias equally over in-bounds paths
@@ -310,7 +312,7 @@ def _bias_terms(branch: Branch, v: torch.Tensor, z: torch.Tensor, norm: torch.Te
 
 def post_branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, bias_map: torch.Tensor | None = None,
                    max_bytes: int = 1 << 28, form: str | None = None, parts: BiasParts | None = None,
-                   scale: torch.Tensor | None = None) -> torch.Tensor:
+                   scale: torch.Tensor | None = None, bias_dot: torch.Tensor | None = None) -> torch.Tensor:
     """Sharing ratios (N, K, h', w') of a ``post · depthwise-conv`` branch's kernel offsets into node ``z``.
 
     ``v`` (N, C, H, W) is the depthwise conv's input, ``z`` (N, C_out, h', w') the node, ``bias_map``
@@ -323,7 +325,9 @@ def post_branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, bias_map: t
     μ = (s·⟨post u, z⟩ + frac·⟨b, z⟩)/‖z‖² (the bias shares, ratios of norms at one target, are scale-free), the
     ratios of :func:`sae_cafe.srd.engine._frozen_mu` without dividing the maps by s. ``parts`` (d, c), when
     given, says that ``z = scale·post·d + c`` with d the depthwise output (a CNBlock): the triangular form then
-    gets postᵀz from d (:func:`_g_from_parts`, C² instead of C'·C multiply-adds per target).
+    gets postᵀz from d (:func:`_g_from_parts`, C² instead of C'·C multiply-adds per target). ``bias_dot``
+    (N, h', w'), when given, is ⟨b_q, z_q⟩ of a per-target bias known without its map (it replaces
+    ``bias_map``; :meth:`sae_cafe.srd.graph.FrozenAffine.bias_dot`).
     """
     conv = branch.conv
     _check_branch(branch, v)
@@ -333,20 +337,21 @@ def post_branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, bias_map: t
     if form == "triangular" and conv.stride != (1, 1):
         raise UnsupportedModuleError(f"{conv.name}: the triangular form needs stride 1, got {conv.stride}")
     inv = _inverse_norm2(z)
-    need_norm = branch.bias is not None or bias_map is not None
+    need_norm = branch.bias is not None or bias_map is not None or bias_dot is not None
     dot, norm = (_triangular_paths(conv, v, z, need_norm, parts=parts, scale=scale) if form == "triangular" else
                  _sliced_paths(conv, v, z, need_norm, max_bytes))
     if scale is not None:
         dot = dot * scale
     if not need_norm:
         return dot * inv.unsqueeze(1)
-    frac, bz = _bias_terms(branch, v, z, norm, bias_map)
+    frac, bz = _bias_terms(branch, v, z, norm, bias_map, bias_dot)
     return (dot + frac * bz.unsqueeze(1)) * inv.unsqueeze(1)
 
 
 def post_branch_back(branch: Branch, v: torch.Tensor, z: torch.Tensor, r: torch.Tensor,
                      bias_map: torch.Tensor | None = None, parts: BiasParts | None = None,
-                     scale: torch.Tensor | None = None) -> torch.Tensor | None:
+                     scale: torch.Tensor | None = None, bias_dot: torch.Tensor | None = None
+                     ) -> torch.Tensor | None:
     """Source relevance (N, S, H, W) of target relevance ``r`` (N, S, h', w') routed by the μ of
     :func:`post_branch_mu` — Σ_{q,k: p = q+k} r_q·μ_k(q) — without forming the per-path dots; None where the
     triangular form does not apply (stride ≠ 1, autograd).
@@ -371,8 +376,8 @@ def post_branch_back(branch: Branch, v: torch.Tensor, z: torch.Tensor, r: torch.
     y = (rho.unsqueeze(2) * g.unsqueeze(1)).flatten(0, 1)  # (N·S, C, h', w')
     t = _transpose(y, conv.weight, conv.stride, conv.padding, conv.dilation, (H, W), C)  # (N·S, C, H, W)
     back = torch.linalg.vecdot(t.view(N, S, C, H, W), v.unsqueeze(1), dim=2)  # (N, S, H, W)
-    if branch.bias is None and bias_map is None:
+    if branch.bias is None and bias_map is None and bias_dot is None:
         return back
-    frac, bz = _bias_terms(branch, v, z, _triangular_norms(conv, v, z.shape[-2:]), bias_map)
+    frac, bz = _bias_terms(branch, v, z, _triangular_norms(conv, v, z.shape[-2:]), bias_map, bias_dot)
     m = frac.unsqueeze(1) * (r * (bz * inv).unsqueeze(1)).unsqueeze(2)  # (N, S, K, h', w')
     return back + make_scatter(branch, (H, W), None)(m.flatten(0, 1)).view(N, S, H, W)
