@@ -333,3 +333,25 @@ def test_triangular_rule_matches_sliced_end_to_end():
     for a, b in zip(ours, before):
         assert float((a - b).abs().max()) <= 1e-12 * float(b.abs().max())
     assert float(ours[0].abs().max()) > 0 and float(ours[1].sum()) == pytest.approx(2.0, abs=1e-12)
+
+
+def test_path_norms_concurrently_equal_serial_and_restore_threads():
+    """Norms of several depthwise + post branches computed concurrently (one intra-op thread each) equal the
+    serial ones bitwise, come back in job order, and torch's intra-op thread count is restored."""
+    g = torch.Generator().manual_seed(11)
+    jobs = []
+    for C, size in ((24, (9, 9)), (40, (5, 6)), (16, (12, 7))):
+        post = torch.randn(3 * C, C, generator=g)
+        weight = torch.randn(C, 1, 7, 7, generator=g)
+        conv = ConvSpec(weight, (1, 1), (3, 3), (1, 1), C, "dw", post)
+        jobs.append((conv, torch.randn(2, C, *size, generator=g), size))
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    try:
+        together = rules_post.path_norms_concurrently(jobs)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+    serial = [rules_post._triangular_norms(*job) for job in jobs]
+    assert [t.shape for t in together] == [(2, 49, *job[2]) for job in jobs]
+    assert all(torch.equal(a, b) for a, b in zip(together, serial))

@@ -35,6 +35,7 @@ class SRDRun:
         self.pooled: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.frozen: dict[tuple[int, int], FrozenAffine] = {}  # input-dependent affine branches (Branch.freeze)
         self._mu: dict[int, list[torch.Tensor]] = {}
+        self._norms: dict[int, torch.Tensor] = {}  # depthwise-path norms computed ahead (direct route)
         self.n_stages = len(graph.stages)
         for i, stage in enumerate(graph.stages):
             z = self._fused(i, stage.branches[0]) if fuse and len(stage.branches) == 1 else None
@@ -113,6 +114,8 @@ class SRDRun:
         rel: dict[str, torch.Tensor] = dict(seeds)
         recorded: dict[str, torch.Tensor] = {}
         last = max(self.graph.stage_index(n) for n in seeds)
+        if not (torch.is_grad_enabled() and any(r.requires_grad for r in seeds.values())):
+            self._prefetch_norms(last, max(r.shape[1] for r in seeds.values()))
         for i in range(last, -1, -1):
             stage = self.graph.stages[i]
             r = rel.pop(stage.target, None)
@@ -146,21 +149,43 @@ class SRDRun:
             inp = torch.zeros(self.x.shape[0], 1, *self.x.shape[-2:], dtype=self.x.dtype, device=self.x.device)
         return inp, recorded
 
-    def _direct_back(self, i: int, r: torch.Tensor) -> torch.Tensor | None:
-        """Source relevance (N, S, H, W) of stage ``i`` by :func:`~sae_cafe.srd.rules_post.post_branch_back` (the
-        μ route's numbers, in another order of sums), when the stage is one depthwise + post-matrix branch, its μ
-        is not computed yet and at most ``DIRECT_MAX_MAPS`` maps per image are propagated; else None."""
+    def _direct_source(self, i: int, n_maps: int) -> tuple[Branch, torch.Tensor] | None:
+        """(branch, conv input) of stage ``i`` when its relevance goes by the direct route: one depthwise +
+        post-matrix branch, μ not computed yet, at most ``DIRECT_MAX_MAPS`` maps per image; else None."""
         stage = self.graph.stages[i]
-        if i in self._mu or len(stage.branches) != 1 or r.shape[1] > rules_post.DIRECT_MAX_MAPS:
+        if i in self._mu or len(stage.branches) != 1 or n_maps > rules_post.DIRECT_MAX_MAPS:
             return None
         br = stage.branches[0]
         if br.conv is None or br.conv.post is None or br.pool is not None or hasattr(br, "path_mu"):
             return None
-        z, rec = self.pre[stage.target], self.frozen.get((i, 0))
+        rec = self.frozen.get((i, 0))
+        return br, (self.post[br.source] if rec is None else rec.source)
+
+    def _prefetch_norms(self, last: int, n_maps: int) -> None:
+        """The depthwise-path norms of every direct-route stage up to ``last``, two or more stages at a time
+        (:func:`~sae_cafe.srd.rules_post.path_norms_concurrently`); they depend on the forward only."""
+        self._norms = {}
+        grad = torch.is_grad_enabled()
+        jobs = {i: src for i in range(last + 1) if (src := self._direct_source(i, n_maps)) is not None
+                and src[0].conv.stride == (1, 1)
+                and not (grad and (src[1].requires_grad or self.pre[self.graph.stages[i].target].requires_grad))}
+        if len(jobs) > 1:
+            hw = {i: self.pre[self.graph.stages[i].target].shape[-2:] for i in jobs}
+            norms = rules_post.path_norms_concurrently([(br.conv, v, hw[i]) for i, (br, v) in jobs.items()])
+            self._norms = dict(zip(jobs, norms))
+
+    def _direct_back(self, i: int, r: torch.Tensor) -> torch.Tensor | None:
+        """Source relevance (N, S, H, W) of stage ``i`` by :func:`~sae_cafe.srd.rules_post.post_branch_back` (the
+        μ route's numbers, in another order of sums) when :meth:`_direct_source` allows it; else None."""
+        src = self._direct_source(i, r.shape[1])
+        if src is None:
+            return None
+        br, v = src
+        z, rec, norm = self.pre[self.graph.stages[i].target], self.frozen.get((i, 0)), self._norms.pop(i, None)
         if rec is None:
-            return rules_post.post_branch_back(br, self.post[br.source], z, r)
-        return rules_post.post_branch_back(br, rec.source, z, r, parts=getattr(rec, "node_parts", None),
-                                           scale=rec.scale, bias_dot=rec.bias_dot(z))
+            return rules_post.post_branch_back(br, v, z, r, norm=norm)
+        return rules_post.post_branch_back(br, v, z, r, parts=getattr(rec, "node_parts", None), scale=rec.scale,
+                                           bias_dot=rec.bias_dot(z), norm=norm)
 
     # ----- head: top relevance ---------------------------------------------------------------------------
     def logits(self) -> torch.Tensor:

@@ -31,6 +31,8 @@ in-bounds paths when every contribution is zero, μ = 0 for a zero target), so
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
+
 import torch
 import torch.nn.functional as F
 from torch.utils.weak import WeakIdKeyDictionary
@@ -350,8 +352,8 @@ def post_branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, bias_map: t
 
 def post_branch_back(branch: Branch, v: torch.Tensor, z: torch.Tensor, r: torch.Tensor,
                      bias_map: torch.Tensor | None = None, parts: BiasParts | None = None,
-                     scale: torch.Tensor | None = None, bias_dot: torch.Tensor | None = None
-                     ) -> torch.Tensor | None:
+                     scale: torch.Tensor | None = None, bias_dot: torch.Tensor | None = None,
+                     norm: torch.Tensor | None = None) -> torch.Tensor | None:
     """Source relevance (N, S, H, W) of target relevance ``r`` (N, S, h', w') routed by the μ of
     :func:`post_branch_mu` — Σ_{q,k: p = q+k} r_q·μ_k(q) — without forming the per-path dots; None where the
     triangular form does not apply (stride ≠ 1, autograd).
@@ -361,7 +363,8 @@ def post_branch_back(branch: Branch, v: torch.Tensor, z: torch.Tensor, r: torch.
     map (K·C multiply-adds per position in one library kernel instead of K per-offset products and
     matrix-vector products); the bias part r_q·frac_k(q)·⟨b_q, z_q⟩/‖z_q‖² is scattered by the conv's
     geometry as in the μ route. Equal to the μ route up to float rounding (tests: float64, 1e-12); pays off for a
-    few relevance maps per image (saliency), while many seeds (iERFs) share one μ.
+    few relevance maps per image (saliency), while many seeds (iERFs) share one μ. ``norm`` (N, K, h', w'): the
+    paths' norms when already computed (:func:`path_norms_concurrently`).
     """
     conv = branch.conv
     _check_branch(branch, v)
@@ -378,6 +381,37 @@ def post_branch_back(branch: Branch, v: torch.Tensor, z: torch.Tensor, r: torch.
     back = torch.linalg.vecdot(t.view(N, S, C, H, W), v.unsqueeze(1), dim=2)  # (N, S, H, W)
     if branch.bias is None and bias_map is None and bias_dot is None:
         return back
-    frac, bz = _bias_terms(branch, v, z, _triangular_norms(conv, v, z.shape[-2:]), bias_map, bias_dot)
+    if norm is None:
+        norm = _triangular_norms(conv, v, z.shape[-2:])
+    frac, bz = _bias_terms(branch, v, z, norm, bias_map, bias_dot)
     m = frac.unsqueeze(1) * (r * (bz * inv).unsqueeze(1)).unsqueeze(2)  # (N, S, K, h', w')
     return back + make_scatter(branch, (H, W), None)(m.flatten(0, 1)).view(N, S, H, W)
+
+
+def path_norms_concurrently(jobs: list[tuple[ConvSpec, torch.Tensor, tuple[int, int]]]) -> list[torch.Tensor]:
+    """:func:`_triangular_norms` of several (conv, source map, target size) jobs (stride 1, outside autograd),
+    as many at a time as torch has intra-op threads, each on one thread (largest first).
+
+    The norms' many small GEMMs and reductions keep two threads busy less well than two independent jobs on
+    one thread each (ConvNeXt-T, 2 threads: 5-10 % less time for the norms, the same numbers bitwise). torch's
+    intra-op thread count is process-wide: it is 1 while the jobs run and restored afterwards, so other torch
+    work running at that moment in another Python thread runs single-threaded too.
+    """
+    threads = torch.get_num_threads()
+    if threads < 2 or len(jobs) < 2 or any(v.device.type != "cpu" for _, v, _ in jobs):  # CPU only
+        return [_triangular_norms(*job) for job in jobs]
+    for conv, _, _ in jobs:
+        _factors(conv)  # the per-graph factor cache is filled here, not by two threads at once
+    order = sorted(range(len(jobs)), key=lambda j: -jobs[j][1].numel() * jobs[j][1].shape[1])
+
+    def run(j: int) -> torch.Tensor:
+        with torch.no_grad():
+            return _triangular_norms(*jobs[j])
+
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(min(threads, len(jobs))) as pool:
+            done = dict(zip(order, pool.map(run, order)))
+    finally:
+        torch.set_num_threads(threads)
+    return [done[j] for j in range(len(jobs))]
