@@ -336,8 +336,9 @@ def test_triangular_rule_matches_sliced_end_to_end():
 
 
 def test_path_norms_concurrently_equal_serial_and_restore_threads():
-    """Norms of several depthwise + post branches computed concurrently (one intra-op thread each) equal the
-    serial ones bitwise, come back in job order, and torch's intra-op thread count is restored."""
+    """Norms of several depthwise + post branches computed concurrently (rules_post.run_concurrently, one
+    intra-op thread each) equal the serial ones bitwise, come back in job order, and torch's intra-op thread
+    count is restored."""
     g = torch.Generator().manual_seed(11)
     jobs = []
     for C, size in ((24, (9, 9)), (40, (5, 6)), (16, (12, 7))):

@@ -35,7 +35,7 @@ class SRDRun:
         self.pooled: dict[tuple[str, int], tuple[torch.Tensor, torch.Tensor]] = {}
         self.frozen: dict[tuple[int, int], FrozenAffine] = {}  # input-dependent affine branches (Branch.freeze)
         self._mu: dict[int, list[torch.Tensor]] = {}
-        self._norms: dict[int, torch.Tensor] = {}  # depthwise-path norms computed ahead (direct route)
+        self._terms: dict[int, tuple] = {}  # direct-route factors computed ahead (rules_post.direct_terms)
         self.n_stages = len(graph.stages)
         for i, stage in enumerate(graph.stages):
             z = self._fused(i, stage.branches[0]) if fuse and len(stage.branches) == 1 else None
@@ -115,7 +115,7 @@ class SRDRun:
         recorded: dict[str, torch.Tensor] = {}
         last = max(self.graph.stage_index(n) for n in seeds)
         if not (torch.is_grad_enabled() and any(r.requires_grad for r in seeds.values())):
-            self._prefetch_norms(last, max(r.shape[1] for r in seeds.values()))
+            self._prefetch(last, max(r.shape[1] for r in seeds.values()))
         for i in range(last, -1, -1):
             stage = self.graph.stages[i]
             r = rel.pop(stage.target, None)
@@ -161,18 +161,38 @@ class SRDRun:
         rec = self.frozen.get((i, 0))
         return br, (self.post[br.source] if rec is None else rec.source)
 
-    def _prefetch_norms(self, last: int, n_maps: int) -> None:
-        """The depthwise-path norms of every direct-route stage up to ``last``, two or more stages at a time
-        (:func:`~sae_cafe.srd.rules_post.path_norms_concurrently`); they depend on the forward only."""
-        self._norms = {}
-        grad = torch.is_grad_enabled()
-        jobs = {i: src for i in range(last + 1) if (src := self._direct_source(i, n_maps)) is not None
-                and src[0].conv.stride == (1, 1)
-                and not (grad and (src[1].requires_grad or self.pre[self.graph.stages[i].target].requires_grad))}
-        if len(jobs) > 1:
-            hw = {i: self.pre[self.graph.stages[i].target].shape[-2:] for i in jobs}
-            norms = rules_post.path_norms_concurrently([(br.conv, v, hw[i]) for i, (br, v) in jobs.items()])
-            self._norms = dict(zip(jobs, norms))
+    def _prefetch(self, last: int, n_maps: int) -> None:
+        """Everything of stages 0..``last`` that depends on the forward only, ahead of the relevance and two or
+        more stages at a time (:func:`~sae_cafe.srd.rules_post.run_concurrently`): the direct-route factors of
+        the depthwise + post-matrix stages (:func:`~sae_cafe.srd.rules_post.direct_terms`, their path norms
+        included) and μ of the other stages. Only on CPU, outside autograd, with two or more direct stages."""
+        self._terms = {}
+        direct = {i: src for i in range(last + 1) if (src := self._direct_source(i, n_maps)) is not None
+                  and src[0].conv.stride == (1, 1)}
+        if len(direct) < 2 or self.x.device.type != "cpu" or torch.is_grad_enabled() and (
+                self.x.requires_grad or any(v.requires_grad for _, v in direct.values())):
+            return
+        jobs, costs, keys = [], [], []
+        for i, (br, v) in direct.items():
+            rules_post.factors_ready(br.conv)  # filled here, not by two threads at once
+            z, rec = self.pre[self.graph.stages[i].target], self.frozen.get((i, 0))
+            kw = {} if rec is None else dict(parts=getattr(rec, "node_parts", None), scale=rec.scale,
+                                             bias_dot_of=rec.bias_dot)
+            jobs.append(lambda br=br, v=v, z=z, kw=kw: rules_post.direct_terms(
+                br, v, z, parts=kw.get("parts"), scale=kw.get("scale"),
+                bias_dot=kw["bias_dot_of"](z) if "bias_dot_of" in kw else None))
+            costs.append(float(v.numel() * v.shape[1]))
+            keys.append(i)
+        for i in range(last + 1):
+            stage = self.graph.stages[i]
+            if i in direct or i in self._mu or any(br.pool is not None for br in stage.branches):
+                continue
+            jobs.append(lambda i=i: self.mu(i))
+            costs.append(float(self.pre[stage.target].numel()))
+            keys.append(None)
+        for key, res in zip(keys, rules_post.run_concurrently(jobs, costs)):
+            if key is not None:
+                self._terms[key] = res
 
     def _direct_back(self, i: int, r: torch.Tensor) -> torch.Tensor | None:
         """Source relevance (N, S, H, W) of stage ``i`` by :func:`~sae_cafe.srd.rules_post.post_branch_back` (the
@@ -181,11 +201,13 @@ class SRDRun:
         if src is None:
             return None
         br, v = src
-        z, rec, norm = self.pre[self.graph.stages[i].target], self.frozen.get((i, 0)), self._norms.pop(i, None)
+        z, rec, terms = self.pre[self.graph.stages[i].target], self.frozen.get((i, 0)), self._terms.pop(i, None)
         if rec is None:
-            return rules_post.post_branch_back(br, v, z, r, norm=norm)
+            return rules_post.post_branch_back(br, v, z, r, terms=terms)
+        if terms is not None:
+            return rules_post.post_branch_back(br, v, z, r, terms=terms)
         return rules_post.post_branch_back(br, v, z, r, parts=getattr(rec, "node_parts", None), scale=rec.scale,
-                                           bias_dot=rec.bias_dot(z), norm=norm)
+                                           bias_dot=rec.bias_dot(z))
 
     # ----- head: top relevance ---------------------------------------------------------------------------
     def logits(self) -> torch.Tensor:

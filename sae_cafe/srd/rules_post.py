@@ -44,7 +44,8 @@ from .rules import _transpose, make_scatter
 _CHUNK_BYTES = 1 << 21  # bytes of source vectors (u) per chunk of kernel offsets (sliced form)
 _BLOCK = 32  # rows of R per GEMM block (triangular form); 24-48 measured equal, 96+ slower on ConvNeXt-T
 _BAND_BYTES = 1 << 22  # bytes of y = R·diag(w_k)·v per band of source rows and block (cache-sized)
-_ROW_GROUP_MIN = 400  # source positions per batch from which the norms' GEMMs go per kernel row (measured)
+_ROW_GROUP_MIN = (128, 400)  # source positions per batch from which the norms' GEMMs go per kernel row, on one
+# intra-op thread / on more (measured on ConvNeXt-T: with one thread the narrower GEMMs lose less)
 _PAIRS_MAX_VALID = 0.65  # share of in-bounds paths up to which the norms go over gathered paths (small maps)
 _PAIRS_BLOCK = 64  # rows of R per GEMM block over gathered paths (32-64 measured equal)
 _PAIRS_CHUNK = 4096  # gathered paths per GEMM
@@ -142,6 +143,11 @@ def _valid_range(a: int, dil: int, pad: int, out: int, size: int) -> tuple[int, 
     return max(0, a * dil - pad), min(size, a * dil - pad + out)
 
 
+def factors_ready(conv: ConvSpec) -> None:
+    """Fill the per-graph factor cache of ``conv`` (before several threads use it)."""
+    _factors(conv)
+
+
 def _r_factor(conv: ConvSpec) -> torch.Tensor:
     """R (C, C) of post = Q R (upper triangular, cached with :func:`_factors`)."""
     _factors(conv)
@@ -164,7 +170,8 @@ def _norm_order(conv: ConvSpec, v: torch.Tensor, hw: tuple[int, int]) -> str:
     if rows * cols <= _PAIRS_MAX_VALID * kh * kw * hw[0] * hw[1] and \
             N * rows * cols * C * v.element_size() <= _PAIRS_MAX_BYTES:
         return "pairs"
-    return "rows" if N * H * W >= _ROW_GROUP_MIN else "bands"
+    positions, threshold = N * H * W, _ROW_GROUP_MIN[torch.get_num_threads() > 1]
+    return "rows" if positions >= threshold else "bands"
 
 
 def _pair_norms(conv: ConvSpec, v: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
@@ -350,10 +357,26 @@ def post_branch_mu(branch: Branch, v: torch.Tensor, z: torch.Tensor, bias_map: t
     return (dot + frac * bz.unsqueeze(1)) * inv.unsqueeze(1)
 
 
+def direct_terms(branch: Branch, v: torch.Tensor, z: torch.Tensor, bias_map: torch.Tensor | None = None,
+                 parts: BiasParts | None = None, scale: torch.Tensor | None = None,
+                 bias_dot: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The input-only factors of :func:`post_branch_back`: a·g (N, C, h', w') with g = postᵀz and
+    a = s/‖z‖² per target, and frac_k·⟨b_q, z_q⟩/‖z_q‖² (N, K, h', w') (None without a bias). They depend on
+    the forward only, so they can be computed ahead of the relevance (:func:`run_concurrently`)."""
+    conv = branch.conv
+    inv = _inverse_norm2(z)
+    a = inv.unsqueeze(1) if scale is None else inv.unsqueeze(1) * scale  # (N, 1, h', w')
+    ag = _post_t_z(conv, z, parts, scale).permute(0, 3, 1, 2) * a  # (N, C, h', w'), channel-last storage
+    if branch.bias is None and bias_map is None and bias_dot is None:
+        return ag, None
+    frac, bz = _bias_terms(branch, v, z, _triangular_norms(conv, v, z.shape[-2:]), bias_map, bias_dot)
+    return ag, frac * (bz * inv).unsqueeze(1)
+
+
 def post_branch_back(branch: Branch, v: torch.Tensor, z: torch.Tensor, r: torch.Tensor,
                      bias_map: torch.Tensor | None = None, parts: BiasParts | None = None,
                      scale: torch.Tensor | None = None, bias_dot: torch.Tensor | None = None,
-                     norm: torch.Tensor | None = None) -> torch.Tensor | None:
+                     terms: tuple[torch.Tensor, torch.Tensor | None] | None = None) -> torch.Tensor | None:
     """Source relevance (N, S, H, W) of target relevance ``r`` (N, S, h', w') routed by the μ of
     :func:`post_branch_mu` — Σ_{q,k: p = q+k} r_q·μ_k(q) — without forming the per-path dots; None where the
     triangular form does not apply (stride ≠ 1, autograd).
@@ -363,50 +386,43 @@ def post_branch_back(branch: Branch, v: torch.Tensor, z: torch.Tensor, r: torch.
     map (K·C multiply-adds per position in one library kernel instead of K per-offset products and
     matrix-vector products); the bias part r_q·frac_k(q)·⟨b_q, z_q⟩/‖z_q‖² is scattered by the conv's
     geometry as in the μ route. Equal to the μ route up to float rounding (tests: float64, 1e-12); pays off for a
-    few relevance maps per image (saliency), while many seeds (iERFs) share one μ. ``norm`` (N, K, h', w'): the
-    paths' norms when already computed (:func:`path_norms_concurrently`).
+    few relevance maps per image (saliency), while many seeds (iERFs) share one μ. ``terms``: the result of
+    :func:`direct_terms` for these arguments, when computed ahead.
     """
     conv = branch.conv
     _check_branch(branch, v)
     grad = torch.is_grad_enabled() and (v.requires_grad or z.requires_grad or r.requires_grad)
     if conv.stride != (1, 1) or grad:
         return None
+    ag, fb = terms if terms is not None else direct_terms(branch, v, z, bias_map, parts, scale, bias_dot)
     N, S = r.shape[:2]
     C, (H, W) = v.shape[1], v.shape[-2:]
-    inv = _inverse_norm2(z)
-    rho = r * inv.unsqueeze(1) if scale is None else r * (inv.unsqueeze(1) * scale)  # (N, S, h', w')
-    g = _post_t_z(conv, z, parts, scale).permute(0, 3, 1, 2)  # (N, C, h', w')
-    y = (rho.unsqueeze(2) * g.unsqueeze(1)).flatten(0, 1)  # (N·S, C, h', w')
+    y = (r.unsqueeze(2) * ag.unsqueeze(1)).flatten(0, 1)  # ρ·g (N·S, C, h', w')
     t = _transpose(y, conv.weight, conv.stride, conv.padding, conv.dilation, (H, W), C)  # (N·S, C, H, W)
     back = torch.linalg.vecdot(t.view(N, S, C, H, W), v.unsqueeze(1), dim=2)  # (N, S, H, W)
-    if branch.bias is None and bias_map is None and bias_dot is None:
+    if fb is None:
         return back
-    if norm is None:
-        norm = _triangular_norms(conv, v, z.shape[-2:])
-    frac, bz = _bias_terms(branch, v, z, norm, bias_map, bias_dot)
-    m = frac.unsqueeze(1) * (r * (bz * inv).unsqueeze(1)).unsqueeze(2)  # (N, S, K, h', w')
+    m = fb.unsqueeze(1) * r.unsqueeze(2)  # (N, S, K, h', w')
     return back + make_scatter(branch, (H, W), None)(m.flatten(0, 1)).view(N, S, H, W)
 
 
-def path_norms_concurrently(jobs: list[tuple[ConvSpec, torch.Tensor, tuple[int, int]]]) -> list[torch.Tensor]:
-    """:func:`_triangular_norms` of several (conv, source map, target size) jobs (stride 1, outside autograd),
-    as many at a time as torch has intra-op threads, each on one thread (largest first).
+def run_concurrently(jobs: list, costs: list[float] | None = None) -> list:
+    """``[job() for job in jobs]`` (outside autograd), as many at a time as torch has intra-op threads, each on
+    one thread, largest ``costs`` first; the results in job order.
 
-    The norms' many small GEMMs and reductions keep two threads busy less well than two independent jobs on
-    one thread each (ConvNeXt-T, 2 threads: 5-10 % less time for the norms, the same numbers bitwise). torch's
-    intra-op thread count is process-wide: it is 1 while the jobs run and restored afterwards, so other torch
-    work running at that moment in another Python thread runs single-threaded too.
+    The depthwise-path work (many small GEMMs and reductions) keeps two threads busy less well than two
+    independent jobs on one thread each (ConvNeXt-T, 2 threads: 5-10 % less time, the same numbers bitwise).
+    torch's intra-op thread count is process-wide: it is 1 while the jobs run and restored afterwards, so
+    other torch work running at that moment in another Python thread runs single-threaded too.
     """
     threads = torch.get_num_threads()
-    if threads < 2 or len(jobs) < 2 or any(v.device.type != "cpu" for _, v, _ in jobs):  # CPU only
-        return [_triangular_norms(*job) for job in jobs]
-    for conv, _, _ in jobs:
-        _factors(conv)  # the per-graph factor cache is filled here, not by two threads at once
-    order = sorted(range(len(jobs)), key=lambda j: -jobs[j][1].numel() * jobs[j][1].shape[1])
+    if threads < 2 or len(jobs) < 2:
+        return [job() for job in jobs]
+    order = sorted(range(len(jobs)), key=lambda j: -(costs[j] if costs is not None else 0.0))
 
-    def run(j: int) -> torch.Tensor:
+    def run(j: int):
         with torch.no_grad():
-            return _triangular_norms(*jobs[j])
+            return jobs[j]()
 
     torch.set_num_threads(1)
     try:
@@ -415,3 +431,14 @@ def path_norms_concurrently(jobs: list[tuple[ConvSpec, torch.Tensor, tuple[int, 
     finally:
         torch.set_num_threads(threads)
     return [done[j] for j in range(len(jobs))]
+
+
+def path_norms_concurrently(jobs: list[tuple[ConvSpec, torch.Tensor, tuple[int, int]]]) -> list[torch.Tensor]:
+    """:func:`_triangular_norms` of several (conv, source map, target size) jobs (stride 1, outside autograd),
+    by :func:`run_concurrently` on CPU (serially on other devices)."""
+    if any(v.device.type != "cpu" for _, v, _ in jobs):
+        return [_triangular_norms(*job) for job in jobs]
+    for conv, _, _ in jobs:
+        _factors(conv)  # the per-graph factor cache is filled here, not by two threads at once
+    return run_concurrently([lambda job=job: _triangular_norms(*job) for job in jobs],
+                            [float(v.numel() * v.shape[1]) for _, v, _ in jobs])
