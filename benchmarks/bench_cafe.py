@@ -23,6 +23,8 @@ from pathlib import Path
 
 import torch
 
+from sae_cafe.activations import layer_pfv
+
 
 def train_quick_sae(pfv: torch.Tensor, d_sae: int, k: int, steps: int, batch: int = 512, seed: int = 0):
     """A sae-lens TopK SAE trained by sae-lens's ``SAETrainer`` on in-memory PFVs (N, D)."""
@@ -51,8 +53,7 @@ def pfvs(adapter, layer: str, x: torch.Tensor, batch: int = 64) -> torch.Tensor:
     out = []
     with torch.no_grad():
         for s in range(0, x.shape[0], batch):
-            a = adapter.capture(x[s:s + batch], [layer], stop_early=True)[layer]
-            p = adapter.to_pfv(a).pfv
+            p = layer_pfv(adapter, x[s:s + batch], layer).pfv
             out.append(p.reshape(-1, p.shape[-1]))
     return torch.cat(out)
 

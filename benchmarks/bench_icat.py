@@ -36,6 +36,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from sae_cafe.activations import layer_pfv
 from sae_cafe.artifacts import is_finished, stage_path
 from sae_cafe.icat import (
     METHODS,
@@ -75,8 +76,8 @@ def log(*a):
 def collect_pfvs(adapter, x, layer, batch=64, max_rows=200_000, seed=0):
     out = []
     for i in range(0, len(x), batch):
-        act = adapter.capture(x[i:i + batch], [layer], stop_early=True)[layer]
-        out.append(adapter.to_pfv(act).pfv.reshape(-1, adapter.to_pfv(act).pfv.shape[-1]))
+        pfv = layer_pfv(adapter, x[i:i + batch], layer).pfv
+        out.append(pfv.reshape(-1, pfv.shape[-1]))
     v = torch.cat(out)
     if len(v) > max_rows:
         v = v[torch.randperm(len(v), generator=torch.Generator().manual_seed(seed))[:max_rows]]

@@ -23,6 +23,7 @@ from typing import Literal
 
 import torch
 
+from ..activations.rows import capture_pfv, layer_pfv
 from ..errors import MismatchError, SaeCafeError
 from ..models import PFVBatch, get_adapter
 from ..models.base import ModelAdapter
@@ -172,7 +173,7 @@ def prepare_pair(model, saes: dict, x: torch.Tensor, source_layer: str | int, ta
     if sae_tgt is not None:
         check_patch_sae(sae_tgt, tgt)
     if tgt == LOGITS:
-        acts = adapter.capture(x, [src])
+        sb = layer_pfv(adapter, x, src)
         logits = adapter(x)
         if readout is not None:
             if readout.ndim != 2 or readout.shape[1] != logits.shape[1]:
@@ -181,8 +182,8 @@ def prepare_pair(model, saes: dict, x: torch.Tensor, source_layer: str | int, ta
             readout = readout.to(logits)
             logits = logits @ readout.T
     else:
-        acts = adapter.capture(x, [src, tgt], stop_early=True)
-    sb = adapter.to_pfv(acts[src])
+        pfvs = capture_pfv(adapter, x, [src, tgt])
+        sb = pfvs[src]
     check_sae(sae_src, adapter, src, check_model=False, source=f"the SAE for layer {src!r}")
     a = encode_pfv(sae_src, sb.pfv)
     err = sb.pfv - decode(sae_src, a, sb.pfv)
@@ -190,7 +191,7 @@ def prepare_pair(model, saes: dict, x: torch.Tensor, source_layer: str | int, ta
     if tgt == LOGITS:
         t_full = logits
     else:
-        tb = adapter.to_pfv(acts[tgt])
+        tb = pfvs[tgt]
         check_sae(sae_tgt, adapter, tgt, check_model=False, source=f"the SAE for layer {tgt!r}")
         if target_fn == "post" and aggregate == "sum":  # the only target that needs no pre-activation
             t_full = encode_pfv(sae_tgt, tb.pfv).sum(1)
@@ -229,8 +230,7 @@ def latent_means(model, sae, x: torch.Tensor, layer: str | int, batch_size: int 
     check_patch_sae(sae, layer)
     total, count = None, 0
     for i in range(0, len(x), batch_size):
-        pfv = adapter.to_pfv(adapter.capture(x[i:i + batch_size].to(adapter.device), [layer],
-                                             stop_early=True)[layer]).pfv
+        pfv = layer_pfv(adapter, x[i:i + batch_size].to(adapter.device), layer).pfv
         a = encode_pfv(sae, pfv)
         s = a.sum((0, 1))
         total = s if total is None else total + s
