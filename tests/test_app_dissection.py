@@ -6,7 +6,6 @@ built by the real pipeline (world → CAFE stage with a random SAE → ``sae-caf
 
 from __future__ import annotations
 
-import argparse
 import json
 import shutil
 from pathlib import Path
@@ -15,6 +14,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from test_dissection_cli import run_cli  # the `sae-cafe dissect` parser, as the CLI tests build it
 
 from app import data as D
 from app.dissection import agree, describe, mismatch, read_dissection
@@ -100,15 +100,6 @@ def test_data_layer_reads_checks_and_caches(tmp_path):
 
 
 # ----- a small run, dissected by the CLI ----------------------------------------------------------------------
-def dissect_cli(argv: list[str]) -> int:
-    from sae_cafe.concepts.cli import register
-
-    parser = argparse.ArgumentParser(prog="sae-cafe")
-    register(parser.add_subparsers(dest="command"))
-    args = parser.parse_args(argv)
-    return args.func(args)
-
-
 @pytest.fixture(scope="module")
 def run_root(tmp_path_factory):
     """``<root>/d``: a 12-scene world, a CAFE stage of mini_resnet layer3 with a random 16-latent TopK SAE (with
@@ -136,7 +127,7 @@ def run_root(tmp_path_factory):
     export_world_segmentation(w, root / "seg")
     plain = root.parent / f"{root.name}_plain"
     shutil.copytree(root, plain, symlinks=True, ignore=shutil.ignore_patterns("seg"))
-    assert dissect_cli(["dissect", "--run", RUN, "--root", str(root), "--model", MODEL, "--layer", LAYER, "--masks",
+    assert run_cli(["dissect", "--run", RUN, "--root", str(root), "--model", MODEL, "--layer", LAYER, "--masks",
                         str(root / "seg"), "--quantile", "0.02", "--iou-min", "0.01"]) == 0
     return root, plain
 

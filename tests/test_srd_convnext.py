@@ -335,7 +335,7 @@ def test_triangular_rule_matches_sliced_end_to_end():
     assert float(ours[0].abs().max()) > 0 and float(ours[1].sum()) == pytest.approx(2.0, abs=1e-12)
 
 
-def test_path_norms_concurrently_equal_serial_and_restore_threads():
+def test_norms_run_concurrently_equal_serial_and_restore_threads():
     """Norms of several depthwise + post branches computed concurrently (rules_post.run_concurrently, one
     intra-op thread each) equal the serial ones bitwise, come back in job order, and torch's intra-op thread
     count is restored."""
@@ -349,7 +349,10 @@ def test_path_norms_concurrently_equal_serial_and_restore_threads():
     before = torch.get_num_threads()
     torch.set_num_threads(2)
     try:
-        together = rules_post.path_norms_concurrently(jobs)
+        for conv, _, _ in jobs:
+            rules_post.factors_ready(conv)
+        together = rules_post.run_concurrently([lambda job=job: rules_post._triangular_norms(*job) for job in jobs],
+                                               [float(v.numel() * v.shape[1]) for _, v, _ in jobs])
         assert torch.get_num_threads() == 2
     finally:
         torch.set_num_threads(before)

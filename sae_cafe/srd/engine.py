@@ -175,12 +175,8 @@ class SRDRun:
         jobs, costs, keys = [], [], []
         for i, (br, v) in direct.items():
             rules_post.factors_ready(br.conv)  # filled here, not by two threads at once
-            z, rec = self.pre[self.graph.stages[i].target], self.frozen.get((i, 0))
-            kw = {} if rec is None else dict(parts=getattr(rec, "node_parts", None), scale=rec.scale,
-                                             bias_dot_of=rec.bias_dot)
-            jobs.append(lambda br=br, v=v, z=z, kw=kw: rules_post.direct_terms(
-                br, v, z, parts=kw.get("parts"), scale=kw.get("scale"),
-                bias_dot=kw["bias_dot_of"](z) if "bias_dot_of" in kw else None))
+            z = self.pre[self.graph.stages[i].target]
+            jobs.append(lambda i=i, br=br, v=v, z=z: rules_post.direct_terms(br, v, z, **self._direct_kwargs(i, z)))
             costs.append(float(v.numel() * v.shape[1]))
             keys.append(i)
         for i in range(last + 1):
@@ -201,13 +197,17 @@ class SRDRun:
         if src is None:
             return None
         br, v = src
-        z, rec, terms = self.pre[self.graph.stages[i].target], self.frozen.get((i, 0)), self._terms.pop(i, None)
+        z, terms = self.pre[self.graph.stages[i].target], self._terms.pop(i, None)
+        kwargs = self._direct_kwargs(i, z) if terms is None else {}
+        return rules_post.post_branch_back(br, v, z, r, terms=terms, **kwargs)
+
+    def _direct_kwargs(self, i: int, z: torch.Tensor) -> dict:
+        """The frozen statistics of stage ``i``'s branch as keyword arguments of the direct route (parts, scale,
+        ⟨b_q, z_q⟩); none for a branch without a frozen record."""
+        rec = self.frozen.get((i, 0))
         if rec is None:
-            return rules_post.post_branch_back(br, v, z, r, terms=terms)
-        if terms is not None:
-            return rules_post.post_branch_back(br, v, z, r, terms=terms)
-        return rules_post.post_branch_back(br, v, z, r, parts=getattr(rec, "node_parts", None), scale=rec.scale,
-                                           bias_dot=rec.bias_dot(z))
+            return {}
+        return dict(parts=getattr(rec, "node_parts", None), scale=rec.scale, bias_dot=rec.bias_dot(z))
 
     # ----- head: top relevance ---------------------------------------------------------------------------
     def logits(self) -> torch.Tensor:

@@ -432,13 +432,3 @@ def run_concurrently(jobs: list, costs: list[float] | None = None) -> list:
         torch.set_num_threads(threads)
     return [done[j] for j in range(len(jobs))]
 
-
-def path_norms_concurrently(jobs: list[tuple[ConvSpec, torch.Tensor, tuple[int, int]]]) -> list[torch.Tensor]:
-    """:func:`_triangular_norms` of several (conv, source map, target size) jobs (stride 1, outside autograd),
-    by :func:`run_concurrently` on CPU (serially on other devices)."""
-    if any(v.device.type != "cpu" for _, v, _ in jobs):
-        return [_triangular_norms(*job) for job in jobs]
-    for conv, _, _ in jobs:
-        _factors(conv)  # the per-graph factor cache is filled here, not by two threads at once
-    return run_concurrently([lambda job=job: _triangular_norms(*job) for job in jobs],
-                            [float(v.numel() * v.shape[1]) for _, v, _ in jobs])
